@@ -1,0 +1,3 @@
+"""Project hooks (lineage, staleness, MLflow logging of stage metrics) are registered here."""
+
+PROJECT_HOOKS: tuple = ()

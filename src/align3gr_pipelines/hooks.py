@@ -1,3 +1,444 @@
-"""Project hooks (lineage, staleness, MLflow logging of stage metrics) are registered here."""
+"""Project hooks: lineage records and staleness checks, and MLflow logging of what each stage produced.
 
-PROJECT_HOOKS: tuple = ()
+kedro-mlflow (a plugin, registered by its entry point) opens one MLflow run per ``kedro run`` and
+logs every parameter. These hooks add what it cannot know about:
+
+- ``LineageHooks`` writes ``data/.lineage/<dataset>.json`` for every persisted output (fingerprints of
+  the node's parameters and of its inputs' contents) and, before a node runs, warns when an input is
+  stale, i.e. was built from parameters or inputs that have since changed. ``ALIGN3GR_ON_STALE``
+  = ``warn`` (default) | ``error`` | ``ignore``.
+- ``MlflowLoggingHooks`` logs stage metrics (``*_metrics`` / ``*metrics_*`` outputs and any output shaped
+  like ``{"scalars", "curves"}``; curves by step),
+  the files a stage writes under ``data/08_reporting`` and small SCID tables as artifacts, and tags
+  the run with the git commit, the data fingerprint and, per checkpoint, what it was trained from.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Mapping
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from kedro.framework.hooks import hook_impl
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from align3gr_pipelines.datasets import CheckpointDataset
+from align3gr_pipelines.lineage import (
+    ContentFingerprinter,
+    LineageRecord,
+    LineageStore,
+    StalenessChecker,
+    fingerprint_path,
+    fingerprint_value,
+    git_state,
+    path_stat,
+)
+
+logger = logging.getLogger(__name__)
+
+LINEAGE_DIR = Path("data") / ".lineage"
+REPORTING_DIR = Path("data") / "08_reporting"
+ON_STALE_ENV = "ALIGN3GR_ON_STALE"
+ON_STALE_MODES = ("warn", "error", "ignore")
+MAX_ARTIFACT_MB_ENV = "ALIGN3GR_MLFLOW_MAX_ARTIFACT_MB"
+_METRICS_NAME = re.compile(r"(^|_)metrics($|_)")
+_BAD_METRIC_CHARS = re.compile(r"[^/\w.\- ]")
+_MAX_TAG_CHARS = 8000
+_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+class StaleInputError(RuntimeError):
+    """A node was about to consume an artifact built from parameters or inputs that have changed."""
+
+
+def lineage_store(project_path: str | os.PathLike) -> LineageStore:
+    return LineageStore(Path(project_path) / LINEAGE_DIR)
+
+
+def on_stale_mode() -> str:
+    mode = os.environ.get(ON_STALE_ENV, "warn").strip().lower() or "warn"
+    if mode not in ON_STALE_MODES:
+        raise ValueError(f"{ON_STALE_ENV}={mode!r}: expected one of {', '.join(ON_STALE_MODES)}")
+    return mode
+
+
+def is_parameter(name: str) -> bool:
+    return name == "parameters" or name.startswith("params:")
+
+
+def dataset_local_path(catalog: Any, name: str) -> Path | None:
+    """The local file or directory a catalog dataset persists to; None for parameters, memory
+    datasets and remote storage (which the lineage records cannot fingerprint cheaply)."""
+    if is_parameter(name) or name not in catalog:
+        return None
+    dataset = catalog.get(name)
+    if dataset is None or getattr(dataset, "_EPHEMERAL", False):
+        return None
+    if isinstance(dataset, CheckpointDataset):
+        return Path(dataset._path)
+    try:
+        description = dataset._describe()
+    except Exception:  # a third-party dataset with a broken _describe must not break the run
+        return None
+    protocol = description.get("protocol")
+    if protocol not in (None, "", "file", "local"):
+        return None
+    raw = description.get("filepath") or description.get("path")
+    return Path(str(raw)) if raw else None
+
+
+def parameter_fingerprint(catalog: Any, name: str) -> str | None:
+    dataset = catalog.get(name) if name in catalog else None
+    # dataset.load, not catalog.load: the catalog would log every parameter read by these checks.
+    return None if dataset is None else fingerprint_value(dataset.load())
+
+
+def staleness_checker(catalog: Any, store: LineageStore, fingerprinter: ContentFingerprinter | None = None) -> StalenessChecker:
+    return StalenessChecker(
+        store,
+        param_fingerprint=lambda name: parameter_fingerprint(catalog, name),
+        dataset_path=lambda name: dataset_local_path(catalog, name),
+        fingerprinter=fingerprinter,
+    )
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return path.resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            pass
+    return path.as_posix()
+
+
+class LineageHooks:
+    """Records what every persisted output was built from, and checks inputs before a node runs."""
+
+    def __init__(self) -> None:
+        self.project_path: Path | None = None
+        self.store: LineageStore | None = None
+        self.catalog: Any = None
+        self.git = None
+        self.written: dict[str, LineageRecord] = {}
+        self.stale_consumed: dict[str, list[str]] = {}
+        self._fingerprinter = ContentFingerprinter()
+        self._checker: StalenessChecker | None = None
+        self._node_deps: dict[str, tuple[dict[str, str], dict[str, str | None]]] = {}
+        self._ephemeral: dict[str, tuple[dict[str, str], dict[str, str | None]]] = {}
+        self._mode = "warn"
+
+    @hook_impl
+    def after_context_created(self, context: Any) -> None:
+        self.project_path = Path(context.project_path)
+        self.store = lineage_store(self.project_path)
+
+    @hook_impl(tryfirst=True)
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        # Read the mode now, not at import: settings are imported once per process, runs may differ.
+        self._mode = on_stale_mode()
+        if self.project_path is None:  # a session created without a context hook (should not happen)
+            self.project_path = Path(run_params.get("project_path") or Path.cwd())
+            self.store = lineage_store(self.project_path)
+        self.catalog = catalog
+        self.git = git_state(self.project_path, Path(__file__).parent)
+        self.written = {}
+        self.stale_consumed = {}
+        self._node_deps = {}
+        self._ephemeral = {}
+        self._checker = None
+
+    def local_path(self, name: str) -> Path | None:
+        return dataset_local_path(self.catalog, name) if self.catalog is not None else None
+
+    def _get_checker(self) -> StalenessChecker:
+        if self._checker is None:
+            self._checker = staleness_checker(self.catalog, self.store, self._fingerprinter)
+        return self._checker
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool, run_id: str) -> None:
+        if self.store is None:
+            return
+        checker = self._get_checker()
+        params: dict[str, str] = {}
+        persisted: dict[str, str | None] = {}
+        stale: dict[str, list[str]] = {}
+        for name in node.inputs:
+            if is_parameter(name):
+                params[name] = fingerprint_value(inputs[name])
+                continue
+            if name in self._ephemeral:
+                # An in-memory input stands for whatever its producer was built from.
+                eph_params, eph_inputs = self._ephemeral[name]
+                params.update(eph_params)
+                persisted.update(eph_inputs)
+                continue
+            if self.local_path(name) is None:
+                persisted[name] = None
+                continue
+            persisted[name] = checker.current_content(name)
+            status = checker.check(name)
+            if status.is_stale:
+                stale[name] = status.reasons
+        self._node_deps[node.name] = (params, persisted)
+        if stale and self._mode != "ignore":
+            self.stale_consumed.update(stale)
+            lines = "\n".join(f"  - {name}: {'; '.join(reasons)}" for name, reasons in stale.items())
+            message = (
+                f"Node '{node.name}' is about to read stale input(s), built from parameters or inputs "
+                f"that have changed since:\n{lines}\n"
+                "Rebuild them first (see `kedro lineage status`), or set "
+                f"{ON_STALE_ENV}=ignore to silence this check."
+            )
+            if self._mode == "error":
+                raise StaleInputError(message)
+            logger.warning(message)
+
+    @hook_impl(tryfirst=True)
+    def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        if self.store is None:
+            return
+        params, inputs = self._node_deps.get(node.name, ({}, {}))
+        path = self.local_path(dataset_name)
+        if path is None:
+            self._ephemeral[dataset_name] = (dict(params), dict(inputs))
+            return
+        self._fingerprinter.forget(path)
+        record = LineageRecord(
+            dataset=dataset_name,
+            node=node.name,
+            path=_relative(path, self.project_path),
+            content=fingerprint_path(path) if path.exists() else None,
+            stat=path_stat(path),
+            params=dict(params),
+            inputs=dict(inputs),
+            git_commit=self.git.commit if self.git else None,
+            git_dirty=self.git.dirty if self.git else None,
+        )
+        self.store.write(record)
+        self.written[dataset_name] = record
+        self._checker = None  # memoized verdicts may depend on what was just rewritten
+
+
+def metrics_to_mlflow(name: str, data: Any) -> list[tuple[str, float, int]]:
+    """(key, value, step) triples for a metrics output.
+
+    Accepts the contract's ``{"scalars": {...}, "curves": {k: [[step, value], ...]}, "info": {...}}``,
+    a flat dict of numbers, or a table with ``metric`` and ``value`` columns (and optionally
+    ``model``, ``split``), such as ``evaluation_metrics``.
+    """
+    out: list[tuple[str, float, int]] = []
+
+    def key(*parts: Any) -> str:
+        return ".".join(_BAD_METRIC_CHARS.sub("_", str(p)) for p in (name, *parts) if p not in (None, ""))
+
+    def number(v: Any) -> float | None:
+        if isinstance(v, bool) or not isinstance(v, Real):
+            return None
+        return float(v)
+
+    if isinstance(data, Mapping):
+        if "scalars" in data or "curves" in data:
+            scalars = data.get("scalars") or {}
+            curves = data.get("curves") or {}
+            if not isinstance(scalars, Mapping) or not isinstance(curves, Mapping):
+                raise ValueError(f"{name}: 'scalars' and 'curves' must be dicts (docs/CONTRACT.md)")
+        else:
+            scalars, curves = data, {}
+        for k, v in scalars.items():
+            value = number(v)
+            if value is not None:
+                out.append((key(k), value, 0))
+        for k, points in curves.items():
+            for point in points:
+                if not (isinstance(point, (list, tuple)) and len(point) == 2 and number(point[0]) is not None):
+                    raise ValueError(f"{name}: curve '{k}' must be a list of [step, value] pairs, got {point!r}")
+                value = number(point[1])
+                if value is not None:
+                    out.append((key(k), value, int(point[0])))
+        return out
+    columns = getattr(data, "columns", None)
+    if columns is not None and {"metric", "value"} <= set(columns):
+        for row in data.to_dict("records"):
+            value = number(row["value"])
+            if value is not None and not math.isnan(value):
+                out.append((key(row.get("model"), row.get("split"), row["metric"]), value, 0))
+    return out
+
+
+def anchor_sqlite_uri(context: Any) -> None:
+    """Make mlflow.yml's relative ``sqlite:///mlflow.db`` relative to the project, not to the working
+    directory: a notebook in notebooks/ must find the same store as `kedro run`, and MLflow caches
+    stores by URI, so two projects in one process must not share the text ``sqlite:///mlflow.db``."""
+    loader = context.config_loader
+    try:
+        conf = loader["mlflow"]
+    except Exception:  # no mlflow.yml: kedro-mlflow's defaults apply
+        return
+    server = dict(conf.get("server") or {})
+    uri = server.get("mlflow_tracking_uri")
+    prefix = "sqlite:///"
+    if not isinstance(uri, str) or not uri.startswith(prefix):
+        return
+    rel = uri[len(prefix):]
+    if not rel or rel.startswith("/") or rel.startswith(":memory:"):
+        return
+    server["mlflow_tracking_uri"] = prefix + (Path(context.project_path) / rel).as_posix()
+    tracking = dict(conf.get("tracking") or {})
+    experiment = dict(tracking.get("experiment") or {})
+    create_kwargs = dict(experiment.get("create_experiment_kwargs") or {})
+    if create_kwargs.get("artifact_location") is None:
+        # The embedded store keeps its artifacts beside it (kedro-mlflow anchors relative paths at the
+        # project), not in ./mlruns of whatever directory first created the experiment.
+        create_kwargs["artifact_location"] = "mlruns"
+        tracking["experiment"] = {**experiment, "create_experiment_kwargs": create_kwargs}
+    # An explicitly set key bypasses loading from files, so kedro-mlflow reads this version.
+    loader["mlflow"] = {**conf, "server": server, "tracking": tracking}
+
+
+class MlflowLoggingHooks:
+    """Logs stage outputs to the MLflow run that kedro-mlflow opened for this ``kedro run``."""
+
+    def __init__(self, lineage: LineageHooks) -> None:
+        self.lineage = lineage
+        self.client: MlflowClient | None = None
+        self.run_id: str | None = None
+        self._run_opened_outside: str | None = None
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow reads mlflow.yml
+    def after_context_created(self, context: Any) -> None:
+        # A run someone opened before the session (an orchestrator) is theirs to close.
+        active = mlflow.active_run()
+        self._run_opened_outside = active.info.run_id if active else None
+        anchor_sqlite_uri(context)
+
+    @hook_impl(trylast=True)  # after kedro-mlflow has started the run
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        run = mlflow.active_run()
+        if run is None:  # tracking disabled for this pipeline in mlflow.yml
+            self.client, self.run_id = None, None
+            return
+        self.client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+        self.run_id = run.info.run_id
+        git = self.lineage.git
+        self._tags(
+            {
+                "lineage.git_commit": git.commit if git else "unknown",
+                "lineage.git_dirty": str(git.dirty).lower() if git else "unknown",
+                "lineage.git_branch": git.branch if git else "unknown",
+            }
+        )
+        # A stage rerun on cached inputs still says which data it descends from.
+        if self.lineage.local_path("data_fingerprint") is not None:
+            path = self.lineage.local_path("data_fingerprint")
+            if path.is_file():
+                self._tag_data_fingerprint(path)
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        # A tracking server hiccup must not throw away hours of training whose artifacts are saved.
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            logger.warning("MLflow: could not %s: %s", what, exc)
+
+    def _tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._guard(f"set tag {k}", self.client.set_tag, self.run_id, k, str(v)[:_MAX_TAG_CHARS])
+
+    def _tag_data_fingerprint(self, path: Path) -> None:
+        tags = {"lineage.data_fingerprint": fingerprint_path(path)}
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            content = None
+        if isinstance(content, Mapping):
+            for k, v in content.items():
+                if isinstance(v, (str, int, float, bool)):
+                    tags[f"lineage.data_fingerprint.{_BAD_METRIC_CHARS.sub('_', str(k))}"] = str(v)
+        self._tags(tags)
+
+    @hook_impl(trylast=True)  # after LineageHooks wrote the record
+    def after_dataset_saved(self, dataset_name: str, data: Any, node: Any) -> None:
+        if self.run_id is None:
+            return
+        # By name (docs/CONTRACT.md), or by shape: a training log written in the metrics format counts too.
+        if _METRICS_NAME.search(dataset_name) or (isinstance(data, Mapping) and ("scalars" in data or "curves" in data)):
+            self._log_metrics(dataset_name, data)
+        path = self.lineage.local_path(dataset_name)
+        if path is None or not path.exists():
+            return
+        rel = Path(_relative(path, self.lineage.project_path))
+        if rel.parts[: len(REPORTING_DIR.parts)] == REPORTING_DIR.parts:
+            self._log_artifact(path, rel.parent.relative_to(Path("data")).as_posix())
+        elif dataset_name.endswith("_scids"):
+            self._log_artifact(path, "scids")
+        if dataset_name == "data_fingerprint" and path.is_file():
+            self._tag_data_fingerprint(path)
+        dataset = self.lineage.catalog.get(dataset_name) if self.lineage.catalog is not None else None
+        record = self.lineage.written.get(dataset_name)
+        if isinstance(dataset, CheckpointDataset) and record is not None:
+            self._tags(
+                {
+                    f"lineage.{dataset_name}.fingerprint": record.content or "unknown",
+                    f"lineage.{dataset_name}.trained_from": json.dumps(
+                        {**record.params, **record.inputs}, sort_keys=True
+                    ),
+                }
+            )
+
+    def _log_metrics(self, name: str, data: Any) -> None:
+        try:
+            triples = metrics_to_mlflow(name, data)
+        except ValueError as exc:
+            logger.warning("MLflow: metrics output %s does not follow docs/CONTRACT.md: %s", name, exc)
+            return
+        now = int(1000 * time.time())
+        metrics = [Metric(key=k, value=v, timestamp=now, step=s) for k, v, s in triples]
+        for i in range(0, len(metrics), _BATCH):
+            self._guard(f"log metrics of {name}", self.client.log_batch, self.run_id, metrics=metrics[i : i + _BATCH])
+
+    def _log_artifact(self, path: Path, artifact_path: str) -> None:
+        limit_mb = float(os.environ.get(MAX_ARTIFACT_MB_ENV, "20"))
+        stat = path_stat(path)
+        if stat is None or stat["size"] > limit_mb * 2**20:
+            logger.info("MLflow: %s is over %s MB; not logged as an artifact", path, limit_mb)
+            return
+        if path.is_dir():
+            self._guard(f"log {path}", self.client.log_artifacts, self.run_id, str(path), f"{artifact_path}/{path.name}")
+        else:
+            self._guard(f"log {path}", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def _summarize(self) -> None:
+        if self.run_id is None:
+            return
+        if self.lineage.written:
+            records = {name: r.to_json() for name, r in sorted(self.lineage.written.items())}
+            self._guard("log lineage.json", self.client.log_dict, self.run_id, records, "lineage/lineage.json")
+        if self.lineage.stale_consumed:
+            self._tags({"lineage.stale_inputs": ",".join(sorted(self.lineage.stale_consumed))})
+
+    @hook_impl(trylast=True)  # after kedro-mlflow ended the run; the client can still log to it
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._summarize()
+        # kedro-mlflow re-enters the run before each node, which leaves it on this thread's run stack
+        # after it ends it once; a second `session.run()` in the same process (a notebook) would then
+        # log into this run. Pop what is left of it.
+        if self.run_id is not None and self.run_id != self._run_opened_outside:
+            while (active := mlflow.active_run()) is not None and active.info.run_id == self.run_id:
+                mlflow.end_run()
+
+    @hook_impl(tryfirst=True)
+    def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self._summarize()
+
+
+_lineage_hooks = LineageHooks()
+PROJECT_HOOKS: tuple = (_lineage_hooks, MlflowLoggingHooks(_lineage_hooks))

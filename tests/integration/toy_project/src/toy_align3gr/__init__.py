@@ -1,0 +1,1 @@
+"""Toy Kedro package for the integration tests (see ../../pyproject.toml)."""

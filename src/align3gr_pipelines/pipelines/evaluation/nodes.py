@@ -1,1 +1,400 @@
-"""Nodes of the `evaluation` stage: thin orchestration over modules in align3gr_pipelines."""
+"""Nodes of the `evaluation` stage: thin orchestration over modules in align3gr_pipelines.
+
+Every recommender (baselines and each LM checkpoint present) ranks the whole item catalogue (the
+`item_scids` table) for every user of the evaluated splits (leave-one-out: one held-out target per user).
+Its top-K goes to `recommendations` (rank is 1-based); `evaluation_metrics` holds Recall/NDCG@K with
+bootstrap CIs and a paired test against SASRec.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import update_wrapper
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from align3gr_pipelines.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
+from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
+from align3gr_pipelines.metrics import bootstrap_ci, paired_permutation_test, ranking_metrics
+from align3gr_pipelines.prompts import seq_prompt
+from align3gr_pipelines.rec_lm import encode_prompt
+from align3gr_pipelines.sasrec import training_sequences
+
+log = logging.getLogger(__name__)
+
+REC_COLUMNS = ["model", "split", "user_id", "rank", "item_id", "score"]
+METRIC_COLUMNS = ["model", "split", "metric", "value", "ci_low", "ci_high", "p_value_vs_sasrec", "n_users"]
+REFERENCE = "sasrec"
+# LM checkpoints in DAG order, and the row each becomes in the table.
+LM_STAGES: dict[str, str] = {
+    "sft_model": "sft",
+    "sp_dpo_model_easy": "sp_dpo_easy",
+    "sp_dpo_model_medium": "sp_dpo_medium",
+    "sp_dpo_model_hard": "sp_dpo_hard",
+    "rf_dpo_model_easy": "rf_dpo_easy",
+    "rf_dpo_model_hard": "rf_dpo_hard",
+}
+BASELINES = ("most_popular", "item_knn", "sasrec")
+
+
+def _require(df: pd.DataFrame, name: str, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"evaluation: dataset {name!r} lacks column(s) {missing}; expected at least {columns}")
+
+
+def _empty_recs() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(REC_COLUMNS, ["str", "str", "str", "int64", "str", "float64"])})
+
+
+def _recs_frame(model: str, cases: pd.DataFrame, item_ids: list[str], idx: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    k = idx.shape[1]
+    valid = idx >= 0
+    rows, cols = np.nonzero(valid)
+    items = np.asarray(item_ids, dtype=object)
+    return pd.DataFrame(
+        {
+            "model": model,
+            "split": cases["split"].to_numpy()[rows],
+            "user_id": cases["user_id"].to_numpy()[rows],
+            "rank": (cols + 1).astype("int64") if k else np.zeros(0, "int64"),
+            "item_id": items[idx[rows, cols]],
+            "score": scores[rows, cols].astype("float64"),
+        }
+    )
+
+
+def catalogue_ids(item_scids: pd.DataFrame) -> list[str]:
+    _require(item_scids, "item_scids", ["id", "codes", "tokens"])
+    ids = [str(i) for i in item_scids["id"]]
+    if len(set(ids)) != len(ids):
+        raise ValueError("evaluation: item_scids has duplicate ids")
+    return ids
+
+
+# ---- inputs ----
+
+
+def build_eval_cases(valid: pd.DataFrame, test: pd.DataFrame, params: dict[str, Any], seed: int) -> pd.DataFrame:
+    """One row per (split, user): split, user_id, history (the last max_history items), target."""
+    splits = list(params.get("splits", ["test", "valid"]))
+    frames = {"valid": valid, "test": test}
+    unknown = [s for s in splits if s not in frames]
+    if unknown or not splits:
+        raise ValueError(f"evaluation.splits must be a non-empty subset of ['test', 'valid'], got {splits}")
+    keep = int(params["max_history"])
+    out = []
+    for split in splits:
+        df = frames[split]
+        _require(df, split, ["user_id", "history", "target"])
+        if df["user_id"].duplicated().any():
+            raise ValueError(f"evaluation: {split} has several rows for one user; leave-one-out expects one per user")
+        out.append(pd.DataFrame({
+            "split": split,
+            "user_id": df["user_id"].astype(str).to_numpy(),
+            "history": [[str(i) for i in list(h)[-keep:]] if keep > 0 else [] for h in df["history"]],
+            "target": df["target"].astype(str).to_numpy(),
+        }))
+    cases = pd.concat(out, ignore_index=True)
+    limits = params.get("max_users")
+    if not isinstance(limits, dict):
+        limits = {s: limits for s in splits}
+    keep_rows = np.ones(len(cases), dtype=bool)
+    for split, limit in limits.items():
+        if split not in splits or limit is None:
+            continue
+        if int(limit) < 1:
+            raise ValueError(f"evaluation.max_users.{split} must be >= 1 or null, got {limit}")
+        in_split = (cases["split"] == split).to_numpy()
+        users = np.sort(cases.loc[in_split, "user_id"].unique())
+        if int(limit) < len(users):
+            # Seeded by the global seed alone, so every split with the same limit samples the same users.
+            picked = np.random.default_rng(seed).choice(users, size=int(limit), replace=False)
+            keep_rows &= ~in_split | cases["user_id"].isin(picked).to_numpy()
+            log.info("evaluation: %s on a seeded sample of %d of %d users (max_users)", split, int(limit), len(users))
+    cases = cases[keep_rows].reset_index(drop=True)
+    log.info("evaluation: %s", ", ".join(f"{s}: {n} users" for s, n in cases.groupby("split", sort=False).size().items()))
+    return cases
+
+
+def build_eval_prompts(
+    eval_cases: pd.DataFrame, seq_eval_prompts: pd.DataFrame, item_scids: pd.DataFrame, user_scids: pd.DataFrame,
+    params: dict[str, Any],
+) -> pd.DataFrame:
+    """The SEQ prompt of each evaluation case, exactly as sft_data wrote it (what the LMs trained on).
+    A case without one gets `prompts.seq_prompt` over its history and the user's SCID (logged)."""
+    _require(seq_eval_prompts, "seq_eval_prompts", ["user_id", "split", "prompt", "target"])
+    p = seq_eval_prompts.assign(user_id=seq_eval_prompts["user_id"].astype(str), target=seq_eval_prompts["target"].astype(str))
+    if p.duplicated(["split", "user_id"]).any():
+        log.warning("evaluation: seq_eval_prompts has several prompts per (split, user); the first is used")
+        p = p.drop_duplicates(["split", "user_id"])
+    merged = eval_cases.merge(p[["split", "user_id", "prompt", "target"]], on=["split", "user_id"], how="left", suffixes=("", "_prompt"))
+    has = merged["prompt"].notna()
+    stale = has & (merged["target_prompt"] != merged["target"])
+    if stale.any():
+        r = merged[stale].iloc[0]
+        raise ValueError(
+            f"evaluation: seq_eval_prompts disagrees with {r['split']} for {int(stale.sum())} users (e.g. user {r['user_id']}: "
+            f"target {r['target_prompt']!r} vs {r['target']!r}); the prompts are stale, rerun sft_data"
+        )
+    if (~has).any():
+        tokens = dict(zip(item_scids["id"].astype(str), item_scids["tokens"]))
+        users = dict(zip(user_scids["id"].astype(str), user_scids["tokens"])) if len(user_scids) else {}
+        keep = int(params["max_history"])
+        missing = merged.loc[~has]
+        merged.loc[~has, "prompt"] = [
+            seq_prompt([tokens[i] for i in h[-keep:] if i in tokens], users.get(u), int(params.get("template_id", 0)))
+            for h, u in zip(missing["history"], missing["user_id"])
+        ]
+        log.warning("evaluation: %d of %d cases have no seq_eval_prompts row; built with prompts.seq_prompt", int((~has).sum()), len(merged))
+    return merged[["split", "user_id", "prompt", "target"]]
+
+
+# ---- recommenders ----
+
+
+def _baseline_output(name: str, cases: pd.DataFrame, ids: list[str], idx: np.ndarray, val: np.ndarray, seconds: float):
+    info = {"model": name, "kind": "baseline", "seconds": seconds, "ms_per_user": 1000 * seconds / max(len(cases), 1)}
+    return _recs_frame(name, cases, ids, idx, val), info
+
+
+def recommend_most_popular(eval_cases: pd.DataFrame, train_sequences: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any]):
+    if not params["baselines"].get("most_popular", True):
+        return _empty_recs(), {"model": "most_popular", "skipped": "disabled in parameters"}
+    t0 = time.perf_counter()
+    ids = catalogue_ids(item_scids)
+    model = MostPopular(ids, training_sequences(train_sequences).values())
+    idx, val = top_k(model.counts[None, :], int(params["top_k"]))  # one list serves every user
+    n = len(eval_cases)
+    return _baseline_output("most_popular", eval_cases, ids, np.repeat(idx, n, 0), np.repeat(val, n, 0), time.perf_counter() - t0)
+
+
+def recommend_item_knn(eval_cases: pd.DataFrame, train_sequences: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any]):
+    cfg = params["baselines"].get("item_knn", {}) or {}
+    if not cfg.get("enabled", True):
+        return _empty_recs(), {"model": "item_knn", "skipped": "disabled in parameters"}
+    t0 = time.perf_counter()
+    ids = catalogue_ids(item_scids)
+    model = ItemKNN(ids, training_sequences(train_sequences).values(), int(cfg.get("neighbors", 100)), float(cfg.get("shrink", 10.0)))
+    idx, val = recommend(model, eval_cases["history"].tolist(), int(params["top_k"]), desc="item-kNN" if params.get("show_progress") else None)
+    return _baseline_output("item_knn", eval_cases, ids, idx, val, time.perf_counter() - t0)
+
+
+def recommend_sasrec(eval_cases: pd.DataFrame, sasrec_model: Any, item_scids: pd.DataFrame, params: dict[str, Any]):
+    if not params["baselines"].get("sasrec", True):
+        return _empty_recs(), {"model": "sasrec", "skipped": "disabled in parameters"}
+    if sasrec_model is None:
+        log.info("evaluation: SASRec baseline skipped: no sasrec_model checkpoint (run tokenization)")
+        return _empty_recs(), {"model": "sasrec", "skipped": "sasrec_model checkpoint not found"}
+    t0 = time.perf_counter()
+    ids = catalogue_ids(item_scids)
+    idx, val = recommend(SASRecScorer(sasrec_model, ids), eval_cases["history"].tolist(), int(params["top_k"]),
+                         desc="SASRec" if params.get("show_progress") else None)
+    return _baseline_output("sasrec", eval_cases, ids, idx, val, time.perf_counter() - t0)
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads for the decoding only (restored after): on a CPU shared with other jobs
+    fewer threads can be much faster, as idle-waiting threads then burn the cores."""
+    if n is None:
+        yield
+        return
+    if int(n) < 1:
+        raise ValueError(f"evaluation.torch_threads must be >= 1 or null, got {n}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def lm_label(default: str, meta: dict[str, Any]) -> str:
+    """The table row of an LM: its stage name, marked when SFT used the TCA4Rec objective."""
+    if meta.get("eval_label"):
+        return str(meta["eval_label"])
+    objective = str(meta.get("objective", "") or "")
+    return f"{default}+{objective}" if objective and objective not in ("ce", "sft", "ntp", "standard") else default
+
+
+def recommend_with_lm(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any], *, stage: str):
+    """Constrained beam search of one LM checkpoint over the item catalogue; (recs, info). A checkpoint
+    never written (None) or marked skipped by an ablation is left out, with a log line."""
+    name = LM_STAGES[stage]
+    if rec_lm is None:
+        log.info("evaluation: %s skipped: no %s checkpoint (stage not run)", name, stage)
+        return _empty_recs(), {"model": name, "skipped": f"{stage} checkpoint not found"}
+    meta = dict(getattr(rec_lm, "meta", {}) or {})
+    if meta.get("skipped"):
+        log.info("evaluation: %s skipped: %s is marked skipped (ablation pass-through)", name, stage)
+        return _empty_recs(), {"model": name, "skipped": f"{stage} meta.skipped"}
+    name = lm_label(name, meta)
+    tok = rec_lm.tokenizer
+    catalog = SCIDCatalog.from_scids(item_scids, tok)
+    ids = [encode_prompt(tok, p) for p in eval_prompts["prompt"]]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    t0 = time.perf_counter()
+    with _torch_threads(params.get("torch_threads")):
+        idx, score = constrained_beam_search(
+            rec_lm.model, ids, catalog, beam_width=int(params["beam_width"]), top_k=int(params["top_k"]),
+            batch_size=int(params["batch_size"]), pad_token_id=pad, show_progress=bool(params.get("show_progress")),
+        )
+    seconds = time.perf_counter() - t0
+    idx_np = idx.numpy()
+    expected = min(int(params["top_k"]), catalog.n_items)
+    invalid = int((idx_np[:, :expected] < 0).sum())
+    if invalid:  # cannot happen with a correct decoder; a loud failure beats a silently low score
+        raise RuntimeError(f"evaluation: {name}: {invalid} empty recommendation slots from constrained decoding")
+    log.info("evaluation: %s decoded %d prompts in %.1f s (%.1f ms/user)", name, len(ids), seconds, 1000 * seconds / max(len(ids), 1))
+    info = {"model": name, "kind": "lm", "stage": stage, "seconds": seconds, "ms_per_user": 1000 * seconds / max(len(ids), 1),
+            "invalid_generations": invalid, "catalogue_items": catalog.n_items,
+            "mean_prompt_tokens": float(np.mean([len(i) for i in ids])) if ids else 0.0}
+    return _recs_frame(name, eval_prompts, catalog.item_ids, idx_np, score.numpy()), info
+
+
+def lm_node_func(stage: str) -> Callable[..., Any]:
+    """`recommend_with_lm` bound to one checkpoint, with its own name for the Kedro node."""
+
+    def run(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any]):
+        return recommend_with_lm(rec_lm, eval_prompts, item_scids, params, stage=stage)
+
+    update_wrapper(run, recommend_with_lm)
+    run.__name__ = run.__qualname__ = f"recommend_{LM_STAGES[stage]}"
+    return run
+
+
+def combine_recommendations(*parts: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Arguments alternate (recs, info) per recommender → the `recommendations` table and the run info."""
+    recs = [p for p in parts[0::2] if len(p)]
+    infos = list(parts[1::2])
+    table = pd.concat(recs, ignore_index=True) if recs else _empty_recs()
+    table = table.astype({"model": "str", "split": "str", "user_id": "str", "rank": "int64", "item_id": "str", "score": "float64"})
+    return table[REC_COLUMNS], {"models": [i for i in infos if not i.get("skipped")], "skipped": [i for i in infos if i.get("skipped")]}
+
+
+# ---- metrics and report ----
+
+
+def _mlflow_key(*parts: str) -> str:
+    return "/".join(re.sub(r"[^\w.\- ]", "_", p) for p in parts)
+
+
+def _list_matrix(recs: pd.DataFrame, users: pd.Series, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n_users, width] item ids (None = empty) and scores (-inf) of one model and split, in `users` order."""
+    items = np.full((len(users), width), None, dtype=object)
+    scores = np.full((len(users), width), -np.inf)
+    row = pd.Series(np.arange(len(users)), index=users.to_numpy())
+    r = recs[recs["rank"] <= width]
+    where = row.reindex(r["user_id"].to_numpy()).to_numpy()
+    ok = ~np.isnan(where)
+    rr, cc = where[ok].astype(int), r["rank"].to_numpy()[ok] - 1
+    items[rr, cc] = r["item_id"].to_numpy()[ok]
+    scores[rr, cc] = r["score"].to_numpy()[ok]
+    return items, scores
+
+
+def compute_metrics(
+    recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int
+) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0), with
+    percentile-bootstrap CIs (the same resamples for every model) and a paired sign-flip permutation test
+    against SASRec on the same users."""
+    ks = [int(k) for k in params["ks"]]
+    width = max(ks)
+    boot, perm = params.get("bootstrap", {}) or {}, params.get("paired_test", {}) or {}
+    n_boot, conf = int(boot.get("n_resamples", 1000)), float(boot.get("confidence", 0.95))
+    n_perm = int(perm.get("n_permutations", 10000))
+    order = [i["model"] for i in run_info["models"]]
+    rows: list[dict[str, Any]] = []
+    for split, cases in eval_cases.groupby("split", sort=False):
+        users = cases["user_id"].reset_index(drop=True)
+        recs = recommendations[recommendations["split"] == split]
+        per_user: dict[str, dict[str, np.ndarray]] = {}
+        for model in order:
+            items, scores = _list_matrix(recs[recs["model"] == model], users, width)
+            per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
+        if not per_user:
+            continue
+        names = list(next(iter(per_user.values())))
+        series = [(m, name) for m in per_user for name in names]
+        values = np.stack([per_user[m][name] for m, name in series], axis=1)
+        low, high = bootstrap_ci(values, n_boot, conf, seed)
+        pvals = np.full(len(series), np.nan)
+        if REFERENCE in per_user:
+            ref = np.stack([per_user[REFERENCE][name] for _, name in series], axis=1)
+            others = np.array([m != REFERENCE for m, _ in series])
+            if others.any():
+                pvals[others] = paired_permutation_test(values[:, others], ref[:, others], n_perm, seed)
+        for j, (model, name) in enumerate(series):
+            rows.append({"model": model, "split": split, "metric": name, "value": float(values[:, j].mean()),
+                         "ci_low": float(low[j]), "ci_high": float(high[j]), "p_value_vs_sasrec": float(pvals[j]),
+                         "n_users": int(len(users))})
+    table = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype({"n_users": "int64"})
+    if REFERENCE not in order:
+        log.info("evaluation: no SASRec row, so no paired test (p_value_vs_sasrec is NaN)")
+    scalars = {_mlflow_key(r.split, r.model, r.metric.replace("@", "_at_")): r.value for r in table.itertuples()}
+    info = {
+        "models": run_info["models"], "skipped": run_info["skipped"], "ks": ks, "beam_width": int(params["beam_width"]),
+        "top_k": int(params["top_k"]), "n_users": {s: int(n) for s, n in eval_cases.groupby("split").size().items()},
+        "bootstrap": {"n_resamples": n_boot, "confidence": conf}, "paired_test": {"n_permutations": n_perm, "reference": REFERENCE},
+    }
+    return table, metrics_markdown(table, info), {"scalars": scalars, "curves": {}, "info": info}
+
+
+def metrics_markdown(table: pd.DataFrame, info: dict[str, Any]) -> str:
+    conf = int(round(100 * info["bootstrap"]["confidence"]))
+    lines = ["# Evaluation", "",
+             f"Leave-one-out, full catalogue, constrained beam search width {info['beam_width']} for the LMs; "
+             f"mean with {conf}% bootstrap CI ({info['bootstrap']['n_resamples']} resamples of users); p: paired "
+             f"sign-flip permutation test vs SASRec ({info['paired_test']['n_permutations']} permutations).", ""]
+    for split, part in table.groupby("split", sort=False):
+        metrics = list(dict.fromkeys(part["metric"]))
+        lines += [f"## {split} ({int(part['n_users'].iloc[0])} users)", "",
+                  "| model | " + " | ".join(metrics) + " | " + " | ".join(f"p {m}" for m in metrics) + " |",
+                  "|---" * (1 + 2 * len(metrics)) + "|"]
+        for model, m in part.groupby("model", sort=False):
+            cells = {r.metric: f"{r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]" for r in m.itertuples()}
+            ps = {r.metric: ("–" if np.isnan(r.p_value_vs_sasrec) else f"{r.p_value_vs_sasrec:.3g}") for r in m.itertuples()}
+            lines.append(f"| {model} | " + " | ".join(cells[x] for x in metrics) + " | " + " | ".join(ps[x] for x in metrics) + " |")
+        lines.append("")
+    timing = [m for m in info["models"] if "ms_per_user" in m]
+    if timing:
+        lines += ["## Time per user", "", "| model | ms / user |", "|---|---|"]
+        lines += [f"| {m['model']} | {m['ms_per_user']:.1f} |" for m in timing] + [""]
+    if info["skipped"]:
+        lines += ["## Skipped", ""] + [f"- {s['model']}: {s['skipped']}" for s in info["skipped"]] + [""]
+    return "\n".join(lines)
+
+
+def plot_comparison(evaluation_metrics: pd.DataFrame) -> Figure:
+    """Grouped bars per metric, one bar per model, with bootstrap CIs; one panel per split. A bare Figure
+    (no pyplot): nothing global is touched and nothing stays open."""
+    splits = list(dict.fromkeys(evaluation_metrics["split"])) or ["test"]
+    fig = Figure(figsize=(6.5 * len(splits), 4.2))
+    axes = fig.subplots(1, len(splits), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        part = evaluation_metrics[evaluation_metrics["split"] == split]
+        models = list(dict.fromkeys(part["model"]))
+        metrics = list(dict.fromkeys(part["metric"]))
+        width = 0.8 / max(len(models), 1)
+        for j, model in enumerate(models):
+            m = part[part["model"] == model].set_index("metric").reindex(metrics)
+            x = np.arange(len(metrics)) + (j - (len(models) - 1) / 2) * width
+            err = np.vstack([m["value"] - m["ci_low"], m["ci_high"] - m["value"]]).clip(min=0)
+            ax.bar(x, m["value"], width, yerr=err, capsize=2, label=model)
+        ax.set_xticks(np.arange(len(metrics)), metrics)
+        n = int(part["n_users"].iloc[0]) if len(part) else 0
+        ax.set_title(f"{split} ({n} users)")
+        ax.set_ylabel("mean over users, bootstrap CI")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig

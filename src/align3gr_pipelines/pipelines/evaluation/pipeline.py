@@ -1,6 +1,46 @@
-"""The `evaluation` stage wiring."""
-from kedro.pipeline import Pipeline
+"""The `evaluation` stage wiring: cases and prompts → one recommender node per baseline and per LM
+checkpoint → `recommendations` → metrics table (Parquet, Markdown, JSON) and comparison chart."""
+from kedro.pipeline import Pipeline, node
+
+from .nodes import (
+    LM_STAGES,
+    build_eval_cases,
+    build_eval_prompts,
+    combine_recommendations,
+    compute_metrics,
+    lm_node_func,
+    plot_comparison,
+    recommend_item_knn,
+    recommend_most_popular,
+    recommend_sasrec,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([])
+    params = "params:evaluation"
+    recommenders = [
+        node(recommend_most_popular, ["eval_cases", "train_sequences", "item_scids", params],
+             ["eval_recs_most_popular", "eval_info_most_popular"], name="recommend_most_popular"),
+        node(recommend_item_knn, ["eval_cases", "train_sequences", "item_scids", params],
+             ["eval_recs_item_knn", "eval_info_item_knn"], name="recommend_item_knn"),
+        node(recommend_sasrec, ["eval_cases", "sasrec_model", "item_scids", params],
+             ["eval_recs_sasrec", "eval_info_sasrec"], name="recommend_sasrec"),
+    ]
+    for dataset, label in LM_STAGES.items():
+        recommenders.append(
+            node(lm_node_func(dataset), [dataset, "eval_prompts", "item_scids", params],
+                 [f"eval_recs_{label}", f"eval_info_{label}"], name=f"recommend_{label}")
+        )
+    parts = [name for n in recommenders for name in n.outputs]
+    return Pipeline(
+        [
+            node(build_eval_cases, ["valid", "test", params, "params:seed"], "eval_cases", name="build_eval_cases"),
+            node(build_eval_prompts, ["eval_cases", "seq_eval_prompts", "item_scids", "user_scids", params],
+                 "eval_prompts", name="build_eval_prompts"),
+            *recommenders,
+            node(combine_recommendations, parts, ["recommendations", "eval_run_info"], name="combine_recommendations"),
+            node(compute_metrics, ["recommendations", "eval_cases", "eval_run_info", params, "params:seed"],
+                 ["evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json"], name="compute_evaluation_metrics"),
+            node(plot_comparison, "evaluation_metrics", "evaluation_comparison_plot", name="plot_evaluation_comparison"),
+        ]
+    )

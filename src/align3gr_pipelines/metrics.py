@@ -1,0 +1,154 @@
+"""Leave-one-out ranking metrics, bootstrap confidence intervals and a paired significance test.
+
+One held-out target per user. A user's recommendation list is ranked best first; Recall@K (the hit rate,
+since there is one target) and NDCG@K = 1 / log2(rank + 2) for a 0-based rank < K, else 0. A target
+missing from the list counts as a miss.
+
+Ties: when list scores are given and the target's score equals that of other listed items, the target's
+credit is the mean over the positions its tie group occupies, i.e. the expected metric under a random
+order of the tied items (McSherry & Najork, ECIR 2008). A recommender therefore gains nothing from an
+arbitrary tie-break. Only listed items are seen, so a tie group running past the end of the list is
+counted up to the list's end.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def _as_list_matrix(rec_items: Sequence[Sequence[object]] | np.ndarray) -> np.ndarray:
+    arr = np.asarray(rec_items, dtype=object)
+    if arr.ndim != 2:
+        raise ValueError(f"rec_items must be a [n_users, list_length] matrix, got shape {arr.shape}")
+    return arr
+
+
+def tie_group_positions(
+    rec_items: Sequence[Sequence[object]] | np.ndarray,
+    targets: Sequence[object],
+    rec_scores: Sequence[Sequence[float]] | np.ndarray | None = None,
+) -> np.ndarray:
+    """BoolTensor-like [n_users, list_length]: the list positions the target may occupy (its own
+    position, plus those of items tied with it when scores are given); all False for a miss."""
+    items = _as_list_matrix(rec_items)
+    tgt = np.asarray(list(targets), dtype=object)
+    if len(tgt) != items.shape[0]:
+        raise ValueError(f"{len(tgt)} targets for {items.shape[0]} recommendation lists")
+    hit = items == tgt[:, None]
+    if rec_scores is None:
+        return hit
+    scores = np.asarray(rec_scores, dtype=np.float64)
+    if scores.shape != items.shape:
+        raise ValueError(f"rec_scores shape {scores.shape} != rec_items shape {items.shape}")
+    found = hit.any(axis=1)
+    pos = hit.argmax(axis=1)
+    target_score = scores[np.arange(len(pos)), pos]
+    listed = ~pd.isna(items)  # -1 padding (no item) never ties
+    return (scores == target_score[:, None]) & listed & found[:, None]
+
+
+def recall_at_k(
+    rec_items: Sequence[Sequence[object]] | np.ndarray,
+    targets: Sequence[object],
+    k: int,
+    rec_scores: Sequence[Sequence[float]] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-user Recall@k (hit rate) in [0, 1]; fractional only for a tie group straddling position k."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    group = tie_group_positions(rec_items, targets, rec_scores)
+    size = group.sum(axis=1)
+    inside = group[:, :k].sum(axis=1)
+    return np.where(size > 0, inside / np.maximum(size, 1), 0.0)
+
+
+def ndcg_at_k(
+    rec_items: Sequence[Sequence[object]] | np.ndarray,
+    targets: Sequence[object],
+    k: int,
+    rec_scores: Sequence[Sequence[float]] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-user NDCG@k with a single relevant item (the ideal DCG is 1)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    group = tie_group_positions(rec_items, targets, rec_scores)
+    width = group.shape[1]
+    gain = np.where(np.arange(width) < k, 1.0 / np.log2(np.arange(width) + 2.0), 0.0)
+    size = group.sum(axis=1)
+    return np.where(size > 0, (group * gain).sum(axis=1) / np.maximum(size, 1), 0.0)
+
+
+def ranking_metrics(
+    rec_items: Sequence[Sequence[object]] | np.ndarray,
+    targets: Sequence[object],
+    ks: Sequence[int] = (5, 10),
+    rec_scores: Sequence[Sequence[float]] | np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """{"recall@k": per-user array, "ndcg@k": ...} for every k."""
+    out: dict[str, np.ndarray] = {}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at_k(rec_items, targets, k, rec_scores)
+    for k in ks:
+        out[f"ndcg@{k}"] = ndcg_at_k(rec_items, targets, k, rec_scores)
+    return out
+
+
+def _resample_counts(n: int, n_resamples: int, seed: int, chunk: int = 250):
+    """Bootstrap resamples of n users as count vectors [m, n], in chunks."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < n_resamples:
+        m = min(chunk, n_resamples - done)
+        flat = rng.integers(0, n, size=(m, n)) + n * np.arange(m)[:, None]
+        yield np.bincount(flat.ravel(), minlength=m * n).reshape(m, n).astype(np.float64)
+        done += m
+
+
+def bootstrap_ci(
+    values: Sequence[float] | np.ndarray, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """Percentile bootstrap CI of the mean over users, for per-user values [n] or several series [n, S]
+    at once (then arrays [S]). The same seed resamples the same users for every series, so intervals of
+    models evaluated on the same user list are comparable."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim not in (1, 2) or x.shape[0] == 0:
+        raise ValueError(f"bootstrap_ci needs per-user values [n] or [n, S] with n > 0, got shape {x.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    means = np.concatenate([c @ x / x.shape[0] for c in _resample_counts(x.shape[0], n_resamples, seed)])
+    alpha = (1.0 - confidence) / 2
+    low, high = np.quantile(means, alpha, axis=0), np.quantile(means, 1 - alpha, axis=0)
+    return (float(low), float(high)) if x.ndim == 1 else (low, high)
+
+
+def paired_permutation_test(
+    a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_permutations: int = 10000, seed: int = 0
+) -> float | np.ndarray:
+    """Two-sided p-value of H0 "a and b have the same mean" for paired per-user values (same users, same
+    order), [n] or several series [n, S]: the observed mean difference against random sign flips of the
+    per-user differences (a flip of a zero difference changes nothing). Add-one smoothed, so never 0;
+    1.0 when every difference is 0."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim not in (1, 2) or x.shape[0] == 0:
+        raise ValueError(f"paired test needs two equally shaped [n] or [n, S] arrays, got {x.shape} and {y.shape}")
+    if n_permutations < 1:
+        raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
+    d = (x - y).reshape(x.shape[0], -1)
+    n = d.shape[0]
+    observed = np.abs(d.mean(axis=0))
+    tol = 1e-12 * np.maximum(1.0, observed)
+    rng = np.random.default_rng(seed)
+    extreme = np.zeros(d.shape[1])
+    done = 0
+    while done < n_permutations:
+        m = min(500, n_permutations - done)
+        signs = (rng.integers(0, 2, size=(m, n)) * 2 - 1).astype(np.float64)
+        extreme += (np.abs(signs @ d / n) >= observed - tol).sum(axis=0)
+        done += m
+    p = (extreme + 1) / (n_permutations + 1)
+    p = np.where(np.all(d == 0, axis=0), 1.0, p)
+    return float(p[0]) if x.ndim == 1 else p

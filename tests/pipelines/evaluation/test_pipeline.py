@@ -1,0 +1,160 @@
+"""The evaluation pipeline through a DataCatalog + SequentialRunner, with and without DPO checkpoints:
+checkpoints load through the real CheckpointDataset (optional: a stage never run loads as None)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from matplotlib.figure import Figure
+
+from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
+from align3gr_pipelines.datasets import CheckpointDataset
+from align3gr_pipelines.pipelines.evaluation import create_pipeline
+from align3gr_pipelines.pipelines.evaluation.nodes import LM_STAGES, compute_metrics
+from align3gr_pipelines.rec_lm import encode_prompt
+from align3gr_pipelines.sasrec import SASRec, fit_sasrec, training_sequences
+
+from .conftest import make_rec_lm
+
+PARAMS = {
+    "splits": ["test", "valid"], "max_users": None, "max_history": 20, "template_id": 0, "ks": [5, 10],
+    "top_k": 20, "beam_width": 20, "batch_size": 16, "show_progress": False,
+    "baselines": {"most_popular": True, "sasrec": True, "item_knn": {"enabled": True, "neighbors": 20, "shrink": 1.0}},
+    "bootstrap": {"n_resamples": 200, "confidence": 0.95}, "paired_test": {"n_permutations": 500},
+}
+class KeptDataset(MemoryDataset):
+    """An output the runner must not release after its last consumer, so the test can read it."""
+
+    def _release(self) -> None:
+        pass
+
+
+OUTPUTS = ["recommendations", "evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json", "evaluation_comparison_plot"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_data):
+    """Every LM stage and SASRec saved once; each test picks which ones its catalog can see."""
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = tiny_data["tokenizer"]
+    for k, (dataset, label) in enumerate(LM_STAGES.items()):
+        meta = {"skipped": True} if dataset == "sp_dpo_model_medium" else {}
+        CheckpointDataset(str(root / dataset), "align3gr_pipelines.rec_lm.RecLM").save(make_rec_lm(tok, 10 + k, label, **meta))
+    sasrec = SASRec(tiny_data["items"]["item_id"].tolist(), hidden_dim=16, n_layers=1, max_len=20, dropout=0.0)
+    fit_sasrec(sasrec, list(training_sequences(tiny_data["train_sequences"]).values()), epochs=2, batch_size=64, lr=1e-2, seed=0)
+    CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.sasrec.SASRec").save(sasrec)
+    return root
+
+
+def run(tiny_data, root, present: set[str], tmp_path, params=PARAMS):
+    datasets = {name: MemoryDataset(tiny_data[name]) for name in
+                ["items", "train_sequences", "valid", "test", "item_scids", "user_scids", "seq_eval_prompts"]}
+    for dataset in LM_STAGES:
+        path = root / dataset if dataset in present else tmp_path / f"never_run_{dataset}"
+        datasets[dataset] = CheckpointDataset(str(path), "align3gr_pipelines.rec_lm.RecLM", load_args={"device": "cpu"}, optional=True)
+    datasets["sasrec_model"] = CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.sasrec.SASRec", optional=True)
+    datasets["params:evaluation"] = MemoryDataset(params)
+    datasets["params:seed"] = MemoryDataset(7)
+    for name in OUTPUTS:
+        datasets[name] = KeptDataset(copy_mode="assign")
+    catalog = DataCatalog(datasets=datasets)
+    SequentialRunner().run(create_pipeline(), catalog)
+    return {name: catalog.load(name) for name in OUTPUTS}
+
+
+def check_common(out, tiny_data, models: list[str]):
+    recs, metrics = out["recommendations"], out["evaluation_metrics"]
+    assert list(recs.columns) == ["model", "split", "user_id", "rank", "item_id", "score"]
+    assert list(metrics.columns) == ["model", "split", "metric", "value", "ci_low", "ci_high", "p_value_vs_sasrec", "n_users"]
+    assert list(dict.fromkeys(metrics["model"])) == models
+    assert len(metrics) == len(models) * 2 * 4
+    assert (metrics["n_users"] == 40).all()
+    assert ((metrics["ci_low"] <= metrics["value"] + 1e-12) & (metrics["value"] <= metrics["ci_high"] + 1e-12)).all()
+    ref = metrics["model"] == "sasrec"
+    assert metrics.loc[ref, "p_value_vs_sasrec"].isna().all()
+    assert metrics.loc[~ref, "p_value_vs_sasrec"].between(0, 1).all()
+    catalogue = set(tiny_data["item_scids"]["id"])
+    assert recs["item_id"].isin(catalogue).all(), "0 invalid generations"
+    per_list = recs.groupby(["model", "split", "user_id"])
+    assert (per_list.size() == 20).all() and len(per_list) == len(models) * 80
+    assert (per_list["rank"].apply(lambda r: sorted(r) == list(range(1, 21)))).all()
+    assert per_list["item_id"].nunique().eq(20).all()
+    assert "## test (40 users)" in out["evaluation_metrics_md"]
+    scalars = out["evaluation_metrics_json"]["scalars"]
+    assert len(scalars) == len(metrics) and not any("@" in k for k in scalars)
+    assert isinstance(out["evaluation_comparison_plot"], Figure)
+    # a metric recomputed by hand from the recommendations table (LM scores have no ties)
+    sft = recs[(recs["model"] == "sft") & (recs["split"] == "test") & (recs["rank"] <= 10)]
+    hits = tiny_data["test"].apply(lambda r: r["target"] in set(sft.loc[sft["user_id"] == r["user_id"], "item_id"]), axis=1)
+    got = metrics.query("model == 'sft' and split == 'test' and metric == 'recall@10'")["value"].item()
+    assert got == pytest.approx(hits.mean())
+
+
+def test_pipeline_without_dpo_stages(tiny_data, checkpoints, tmp_path):
+    out = run(tiny_data, checkpoints, {"sft_model"}, tmp_path)
+    check_common(out, tiny_data, ["most_popular", "item_knn", "sasrec", "sft"])
+    skipped = {s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]}
+    assert skipped == {"sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard"}
+    # the LM's recommendations are its constrained beam search on the seq_eval_prompts
+    from align3gr_pipelines.rec_lm import RecLM
+
+    lm = RecLM.from_pretrained(str(checkpoints / "sft_model"), device="cpu")
+    prompts = tiny_data["seq_eval_prompts"].query("split == 'test'").head(3)
+    catalog = SCIDCatalog.from_scids(tiny_data["item_scids"], lm.tokenizer)
+    idx, _ = constrained_beam_search(lm.model, [encode_prompt(lm.tokenizer, p) for p in prompts["prompt"]], catalog, 20, 20)
+    recs = out["recommendations"].query("model == 'sft' and split == 'test'")
+    for u, row in zip(prompts["user_id"], idx):
+        assert recs[recs["user_id"] == u].sort_values("rank")["item_id"].tolist() == [catalog.item_ids[i] for i in row]
+
+
+def test_pipeline_with_dpo_stages(tiny_data, checkpoints, tmp_path):
+    out = run(tiny_data, checkpoints, set(LM_STAGES), tmp_path)
+    # sp_dpo_medium is marked skipped (an ablation passed it through unchanged): left out of the table
+    check_common(out, tiny_data, ["most_popular", "item_knn", "sasrec", "sft", "sp_dpo_easy", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard"])
+    assert [s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]] == ["sp_dpo_medium"]
+
+
+def test_metrics_are_deterministic_and_skip_the_paired_test_without_sasrec(tiny_data):
+    cases = pd.DataFrame({"split": "test", "user_id": ["u1", "u2", "u3"], "history": [[], [], []], "target": ["a", "b", "c"]})
+    recs = pd.DataFrame({"model": "m", "split": "test", "user_id": ["u1", "u2", "u1"], "rank": [1, 1, 2],
+                         "item_id": ["a", "x", "c"], "score": [0.0, 0.0, -1.0]})
+    info = {"models": [{"model": "m"}], "skipped": [{"model": "sasrec", "skipped": "no checkpoint"}]}
+    params = {**PARAMS, "ks": [1, 2]}
+    a = compute_metrics(recs, cases, info, params, seed=3)
+    b = compute_metrics(recs, cases, info, params, seed=3)
+    pd.testing.assert_frame_equal(a[0], b[0])
+    table = a[0].set_index("metric")
+    # u1 hits at rank 1, u2 misses, u3 has no list at all (counted as a miss)
+    assert table.loc["recall@1", "value"] == pytest.approx(1 / 3)
+    assert np.isnan(table["p_value_vs_sasrec"]).all()
+    assert "sasrec: no checkpoint" in a[1]
+
+
+def test_eval_cases_truncate_history_and_sample_users_per_split(tiny_data):
+    from align3gr_pipelines.pipelines.evaluation.nodes import build_eval_cases, build_eval_prompts
+
+    params = {**PARAMS, "max_history": 3, "max_users": {"test": None, "valid": 10}}
+    cases = build_eval_cases(tiny_data["valid"], tiny_data["test"], params, seed=5)
+    assert (cases["split"] == "test").sum() == 40 and (cases["split"] == "valid").sum() == 10
+    assert cases["history"].map(len).max() <= 3
+    test = tiny_data["test"].set_index("user_id")
+    for r in cases[cases["split"] == "test"].itertuples():
+        assert r.history == [str(i) for i in test.loc[r.user_id, "history"][-3:]]
+    again = build_eval_cases(tiny_data["valid"], tiny_data["test"], params, seed=5)
+    pd.testing.assert_frame_equal(cases, again)
+    with pytest.raises(ValueError, match="splits"):
+        build_eval_cases(tiny_data["valid"], tiny_data["test"], {**params, "splits": ["train"]}, seed=5)
+    # prompts: taken from seq_eval_prompts; a missing one is rebuilt with prompts.seq_prompt; stale ones fail
+    prompts = tiny_data["seq_eval_prompts"]
+    full = build_eval_prompts(cases, prompts, tiny_data["item_scids"], tiny_data["user_scids"], params)
+    assert full["prompt"].notna().all() and len(full) == len(cases)
+    first = cases.iloc[0]
+    dropped = prompts[~((prompts["split"] == first["split"]) & (prompts["user_id"] == first["user_id"]))]
+    rebuilt = build_eval_prompts(cases, dropped, tiny_data["item_scids"], tiny_data["user_scids"], params)
+    assert rebuilt["prompt"].iloc[0].startswith("User <u") and rebuilt["prompt"].iloc[0].count("<i0_") == len(first["history"])
+    stale = prompts.assign(target=prompts["target"].where(prompts.index != prompts.index[-1], "no-such-item"))
+    stale_cases = build_eval_cases(tiny_data["valid"], tiny_data["test"], {**PARAMS, "max_users": None}, seed=5)
+    with pytest.raises(ValueError, match="stale"):
+        build_eval_prompts(stale_cases, stale, tiny_data["item_scids"], tiny_data["user_scids"], params)

@@ -1,1 +1,148 @@
-"""Nodes of the `sp_dpo_curriculum` stage: thin orchestration over modules in align3gr_pipelines."""
+"""Nodes of the `sp_dpo_curriculum` stage: self-play Softmax-DPO, easy → medium → hard.
+
+Each curriculum stage is two nodes: build the stage's preference pairs with the stage's input policy
+(its own constrained beam search supplies the negatives), then train a copy of that policy on them with
+the same policy as the frozen reference. The three stages chain through the catalog: `sft_model` →
+`sp_dpo_model_easy` → `sp_dpo_model_medium` → `sp_dpo_model_hard`.
+
+Ablation modes (paper Table 5), parameter `mode`:
+- `curriculum` (default): three stages, negatives from the stage's overlap bucket.
+- `no_curriculum`: self-play negatives from every bucket mixed in one stage (the `hard` slot);
+  easy and medium pass the policy through.
+- `random`: plain Softmax-DPO with uniformly random catalogue negatives, one stage (the `hard` slot).
+The single stage of the last two modes gets as many prompts as the three curriculum stages together,
+so every mode spends the same training budget. `sp_dpo_model_hard` is always the final policy.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from align3gr_pipelines import self_play
+from align3gr_pipelines.dpo_trainer import (
+    DPOConfig,
+    pass_through,
+    plot_dpo_metrics,
+    require_policy,
+    stage_metrics_json,
+    train_stage,
+)
+from align3gr_pipelines.rec_lm import RecLM
+
+log = logging.getLogger(__name__)
+
+STAGES = ("easy", "medium", "hard")
+MODES = ("curriculum", "no_curriculum", "random")
+INPUT_POLICY = {"easy": "sft_model", "medium": "sp_dpo_model_easy", "hard": "sp_dpo_model_medium"}
+_HINT = {
+    "sft_model": "sft_train never ran; run `kedro run --pipelines=sft_train` first",
+    "sp_dpo_model_easy": "run the easy stage of sp_dpo_curriculum first",
+    "sp_dpo_model_medium": "run the medium stage of sp_dpo_curriculum first",
+}
+
+
+def _mode(params: dict[str, Any]) -> str:
+    mode = params.get("mode", "curriculum")
+    if mode not in MODES:
+        raise ValueError(f"parameters sp_dpo_curriculum.mode: expected one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _trains(stage: str, mode: str) -> bool:
+    return mode == "curriculum" or stage == "hard"
+
+
+def _stage_index(stage: str) -> int:
+    return STAGES.index(stage)
+
+
+def build_self_play_pairs(
+    policy: RecLM | None, sft_examples: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any], seed: int, stage: str
+) -> pd.DataFrame:
+    """The stage's pairs: prompt, user_id, chosen (+ tokens), rejected list (+ tokens), overlap list,
+    n_generated, filled. Empty for a stage the mode skips."""
+    mode = _mode(params)
+    if not _trains(stage, mode):
+        log.info("sp_dpo %s: skipped in mode %r, no pairs", stage, mode)
+        return self_play.empty_pairs()
+    policy = require_policy(policy, INPUT_POLICY[stage], _HINT[INPUT_POLICY[stage]])
+    item_ids, codes, tokens = self_play.item_code_table(item_scids)
+    n_levels, n_stages = codes.shape[1], len(STAGES)
+    n_neg = int(params.get("n_negatives", 20))
+    per_stage = int(params.get("prompts_per_stage", 256))
+    if n_neg < 1 or per_stage < 1:
+        raise ValueError(f"sp_dpo_curriculum: n_negatives and prompts_per_stage must be >= 1, got {n_neg}, {per_stage}")
+    prompts, info = self_play.sample_prompts(sft_examples, item_ids, seed)
+    if info["unknown_targets"]:
+        log.warning("sp_dpo %s: %d SEQ prompts have a target missing from item_scids; left out", stage, info["unknown_targets"])
+    # Disjoint prompt subsets per curriculum stage (wrapping round when there are too few); the single
+    # stage of the ablation modes takes all three subsets.
+    if mode == "curriculum":
+        take = np.arange(_stage_index(stage) * per_stage, (_stage_index(stage) + 1) * per_stage) % len(prompts)
+    else:
+        take = np.arange(n_stages * per_stage) % len(prompts)
+    prompts = prompts.iloc[np.unique(take)].reset_index(drop=True)
+
+    rng = np.random.default_rng([seed, _stage_index(stage)])
+    dec = params.get("decoding", {})
+    if mode == "random":
+        quotas, candidates = None, None
+    else:
+        quotas = (
+            self_play.curriculum_quotas(_stage_index(stage), n_stages, n_levels, n_neg)
+            if mode == "curriculum"
+            else self_play.mixed_quotas(n_stages, n_levels, n_neg)
+        )
+        candidates = self_play.decode_candidates(
+            policy, prompts["prompt"].tolist(), item_scids, item_ids,
+            beam_width=int(dec.get("beam_width", 20)), top_k=int(dec.get("top_k", 20)),
+            batch_size=int(dec.get("batch_size", 32)), show_progress=bool(dec.get("show_progress", True)),
+        )
+    pairs, stats = self_play.build_pairs(prompts, item_ids, codes, tokens, candidates, quotas, n_neg, rng)
+    log.info(
+        "sp_dpo %s (%s): %d pairs from %d prompts, quotas %s; %d negatives generated, %d filled from the catalogue "
+        "(%.0f%% of pairs needed a fill); %d prompts dropped with no negative",
+        stage, mode, len(pairs), len(prompts), quotas, stats["n_rejected_generated"], stats["n_rejected_filled"],
+        100 * stats["pairs_with_fill_fraction"], stats["n_dropped_no_negative"],
+    )
+    if len(pairs) == 0:
+        raise ValueError(f"sp_dpo {stage}: no preference pair could be built (no catalogue item in overlap range {quotas})")
+    return pairs
+
+
+def train_self_play_stage(
+    policy: RecLM | None, pairs: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any], seed: int, stage: str
+) -> tuple[RecLM, dict[str, Any], Any]:
+    """Trains the stage (reference = the input policy) or passes the policy through in ablation modes."""
+    mode = _mode(params)
+    name = INPUT_POLICY[stage]
+    policy = require_policy(policy, name, _HINT[name])
+    stage_name = f"sp_dpo_{stage}"
+    if not _trains(stage, mode):
+        model, metrics = pass_through(policy, stage_name, f"mode={mode} trains only the hard slot", {"mode": mode})
+    else:
+        cfg = DPOConfig.from_params(dict(params.get("training", {})), "parameters sp_dpo_curriculum.training")
+        _, codes, _ = self_play.item_code_table(item_scids)
+        n_levels = int(codes.shape[1])
+        info: dict[str, Any] = {
+            "mode": mode,
+            "n_levels": n_levels,
+            "overlap_ranges": {s: list(self_play.overlap_range(i, len(STAGES), n_levels)) for i, s in enumerate(STAGES)},
+        }
+        if mode == "curriculum":
+            info["overlap_range"] = list(self_play.overlap_range(_stage_index(stage), len(STAGES), n_levels))
+        model, metrics = train_stage(policy, pairs, cfg, int(seed) + _stage_index(stage), stage_name, reference=name, info=info)
+        metrics["scalars"].update(
+            {
+                "n_rejected_generated": float(pairs["n_generated"].sum()),
+                "n_rejected_filled": float(pairs["filled"].sum()),
+                "pairs_with_fill_fraction": float((pairs["filled"] > 0).mean()),
+                **self_play.overlap_histogram(pairs, n_levels),
+            }
+        )
+        model.meta["sp_dpo_mode"] = mode
+    metrics = stage_metrics_json(metrics)
+    return model, metrics, plot_dpo_metrics(metrics, f"SP-DPO {stage} ({mode})")

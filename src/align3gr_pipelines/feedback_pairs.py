@@ -1,0 +1,274 @@
+"""Real-feedback preference pairs for RF-DPO: recommend, then ask the user's (recorded) feedback.
+
+Only the training period is ever read: `feedback` rows with ``split == "train"``; valid and test
+interactions never label anything, never become a chosen or a rejected item, never enter a prompt.
+
+1. Levels. data_prep maps ratings to disliked / neutral / liked; rows with a review but no rating (level
+   missing) are scored by a sentiment scorer (`align3gr_pipelines.sentiment`). ``rating_to_level`` can
+   re-map ratings with other thresholds: ``rating < neutral_min`` → disliked, ``rating >= liked_min`` →
+   liked, neutral in between — so half-star scales need no special case (0.5–1.5 disliked, 2–3.5
+   neutral, 4–5 liked with the defaults 2 and 4).
+2. Prompts. Per user, the training prefix that precedes the user's latest liked training item (one row
+   of `train_sequences`), as a SEQ prompt built by `prompts.seq_prompt`.
+3. Recommend, then label. The policy recommends its top-K for that prompt (constrained beam search);
+   each recommended item the user rated in the training period takes that rating's level.
+4. Pairs per stage. chosen = the best-ranked recommended liked item, else the ground-truth liked item
+   that follows the prefix; rejected = recommended items of the stage's rejected level(s) (easy:
+   disliked, hard: neutral, mixed: both), in rank order, then padded from the user's other training
+   items of those levels (latest first), then — if ``pad_with_unrated`` — from the recommendations the
+   user never rated; at most N. Every source is counted per pair.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from align3gr_pipelines.prompts import seq_prompt
+
+LEVELS = ("disliked", "neutral", "liked")
+STAGE_REJECTED = {"easy": ("disliked",), "hard": ("neutral",), "mixed": ("disliked", "neutral")}
+
+
+def rating_to_level(ratings: pd.Series, neutral_min: float = 2.0, liked_min: float = 4.0) -> pd.Series:
+    """Ratings → levels (NaN stays missing): < neutral_min disliked, >= liked_min liked, else neutral."""
+    if not neutral_min < liked_min:
+        raise ValueError(f"rf_dpo.levels: need neutral_min < liked_min, got {neutral_min} and {liked_min}")
+    r = pd.to_numeric(ratings, errors="raise").astype(float)
+    out = pd.Series(np.where(r < neutral_min, "disliked", np.where(r >= liked_min, "liked", "neutral")), index=r.index, dtype=object)
+    return out.where(r.notna(), None)
+
+
+def _require(df: pd.DataFrame, name: str, cols: Sequence[str]) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name}: missing column(s) {missing} (columns: {list(df.columns)})")
+
+
+def training_feedback(
+    feedback: pd.DataFrame,
+    interactions: pd.DataFrame | None,
+    level_cfg: dict[str, Any],
+    scorer_factory: Any = None,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Training-period feedback with a level on every row: (user_id, item_id, level, source, rating, timestamp).
+
+    ``scorer_factory()`` builds a sentiment scorer, called only if some row needs one.
+    """
+    _require(feedback, "feedback", ["user_id", "item_id", "level", "split"])
+    bad_split = set(feedback["split"].dropna().unique()) - {"train", "valid", "test"}
+    if bad_split:
+        raise ValueError(f"feedback.split: expected values in {{train, valid, test}}, got {sorted(bad_split)}")
+    fb = feedback[feedback["split"] == "train"].copy()
+    fb["user_id"], fb["item_id"] = fb["user_id"].astype(str), fb["item_id"].astype(str)
+    for col, default in (("source", "rating"), ("rating", np.nan), ("timestamp", 0)):
+        if col not in fb.columns:
+            fb[col] = default
+    fb["level"] = fb["level"].astype(object).where(fb["level"].notna(), None)
+    neutral_min, liked_min = float(level_cfg.get("neutral_min", 2.0)), float(level_cfg.get("liked_min", 4.0))
+    has_rating = fb["rating"].notna()
+    relevel = has_rating if level_cfg.get("recompute_from_rating", False) else has_rating & fb["level"].isna()
+    fb.loc[relevel, "level"] = rating_to_level(fb.loc[relevel, "rating"], neutral_min, liked_min)
+    fb.loc[relevel, "source"] = "rating"
+
+    need = fb["level"].isna()
+    n_sentiment = 0
+    if need.any():
+        reviews = fb.get("review")
+        if reviews is None and interactions is not None and "review" in interactions.columns:
+            keys = ["user_id", "item_id"] + (["timestamp"] if "timestamp" in interactions.columns else [])
+            inter = interactions[keys + ["review"]].copy()
+            inter["user_id"], inter["item_id"] = inter["user_id"].astype(str), inter["item_id"].astype(str)
+            inter = inter.drop_duplicates(keys, keep="last")
+            reviews = fb[keys].merge(inter, on=keys, how="left")["review"].set_axis(fb.index)
+        if reviews is not None:
+            text = reviews.where(reviews.notna(), "").astype(str).str.strip()
+            to_score = need & (text != "")
+            if to_score.any():
+                if scorer_factory is None:
+                    raise ValueError("feedback: rows with a review but no level need a sentiment scorer")
+                fb.loc[to_score, "level"] = scorer_factory().predict(text[to_score].tolist())
+                fb.loc[to_score, "source"] = "review_sentiment"
+                n_sentiment = int(to_score.sum())
+    unlabelled = int(fb["level"].isna().sum())
+    fb = fb[fb["level"].notna()]
+    bad = set(fb["level"].unique()) - set(LEVELS)
+    if bad:
+        raise ValueError(f"feedback.level: expected values in {LEVELS}, got {sorted(bad)}")
+    # One label per (user, item): the latest.
+    fb = fb.sort_values(["user_id", "timestamp"], kind="stable").drop_duplicates(["user_id", "item_id"], keep="last")
+    out = fb[["user_id", "item_id", "level", "source", "rating", "timestamp"]].reset_index(drop=True)
+    counts = out["level"].value_counts()
+    report = {
+        "n_train_feedback": int(len(out)),
+        "n_excluded_valid_test": int((feedback["split"] != "train").sum()),
+        "n_relevelled_from_rating": int(relevel.sum()),
+        "n_review_sentiment": n_sentiment,
+        "n_unlabelled_dropped": unlabelled,
+        "level_counts": {level: int(counts.get(level, 0)) for level in LEVELS},
+        "level_fractions": {level: float(counts.get(level, 0) / max(len(out), 1)) for level in LEVELS},
+        "source_counts": {str(k): int(v) for k, v in out["source"].value_counts().items()},
+    }
+    return out, report
+
+
+def rated_reviews(
+    feedback: pd.DataFrame, interactions: pd.DataFrame | None, max_reviews: int, seed: int,
+    neutral_min: float = 2.0, liked_min: float = 4.0,
+) -> tuple[list[str], list[str]]:
+    """A seeded sample of training-period reviews that come with a rating: (texts, the ratings' levels).
+    What a sentiment scorer can be checked (or calibrated) against on this data."""
+    if interactions is None or max_reviews <= 0 or not {"review", "rating"} <= set(interactions.columns):
+        return [], []
+    train = feedback[feedback["split"] == "train"][["user_id", "item_id"]].astype(str).drop_duplicates()
+    inter = interactions[interactions["rating"].notna() & interactions["review"].notna()].copy()
+    inter["user_id"], inter["item_id"] = inter["user_id"].astype(str), inter["item_id"].astype(str)
+    inter = inter[inter["review"].astype(str).str.strip() != ""].merge(train, on=["user_id", "item_id"])
+    if len(inter) == 0:
+        return [], []
+    inter = inter.sample(n=min(max_reviews, len(inter)), random_state=seed)
+    return inter["review"].astype(str).tolist(), rating_to_level(inter["rating"], neutral_min, liked_min).tolist()
+
+
+def agreement(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
+    """Accuracy and confusion counts (truth → predicted) of predicted levels against rating levels."""
+    confusion = {t: {p: sum(1 for a, b in zip(truth, pred) if a == t and b == p) for p in LEVELS} for t in LEVELS}
+    return {"n_reviews": len(truth), "accuracy": float(np.mean([a == b for a, b in zip(truth, pred)])), "confusion": confusion}
+
+
+def user_prompts(
+    train_sequences: pd.DataFrame,
+    levels: pd.DataFrame,
+    item_tokens: dict[str, str],
+    user_tokens: dict[str, str] | None,
+    template_id: int,
+    max_users: int | None,
+    seed: int,
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """One prompt per user: the training prefix before the user's latest liked training item."""
+    _require(train_sequences, "train_sequences", ["user_id", "history", "target", "position"])
+    seqs = train_sequences.copy()
+    seqs["user_id"], seqs["target"] = seqs["user_id"].astype(str), seqs["target"].astype(str)
+    liked = levels[levels["level"] == "liked"][["user_id", "item_id"]].rename(columns={"item_id": "target"})
+    rows = seqs.merge(liked, on=["user_id", "target"]).sort_values(["user_id", "position"]).drop_duplicates("user_id", keep="last")
+    n_users, n_with_liked = seqs["user_id"].nunique(), len(rows)
+    if max_users is not None and len(rows) > max_users:
+        rows = rows.sample(n=max_users, random_state=seed)
+    rows = rows.sort_values("user_id").reset_index(drop=True)
+    prompts, kept = [], []
+    for r in rows.itertuples(index=False):
+        hist = [str(i) for i in r.history]
+        if any(i not in item_tokens for i in hist + [r.target]):
+            continue
+        prompts.append(seq_prompt([item_tokens[i] for i in hist], (user_tokens or {}).get(r.user_id), template_id))
+        kept.append(r)
+    out = pd.DataFrame(
+        {"user_id": [r.user_id for r in kept], "prompt": prompts, "history": [list(map(str, r.history)) for r in kept],
+         "target": [r.target for r in kept], "position": [int(r.position) for r in kept]}
+    )
+    stats = {"n_users": int(n_users), "n_users_without_liked_train_item": int(n_users - n_with_liked), "n_prompts": int(len(out))}
+    return out, stats
+
+
+def build_feedback_pairs(
+    prompts: pd.DataFrame,
+    recommendations: pd.DataFrame,
+    levels: pd.DataFrame,
+    stage: str,
+    n_rejected: int,
+    pad_with_unrated: bool,
+    exclude_history: bool,
+    item_tokens: dict[str, str],
+    item_codes: dict[str, Sequence[int]],
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Pairs of one RF-DPO stage ('easy', 'hard' or 'mixed') from prompts, recommendations (user_id, rank,
+    item_id) and training-period levels."""
+    if stage not in STAGE_REJECTED:
+        raise ValueError(f"rf_dpo stage must be one of {sorted(STAGE_REJECTED)}, got {stage!r}")
+    rejected_levels = set(STAGE_REJECTED[stage])
+    recs = recommendations.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(list).to_dict()
+    by_user = {u: g.sort_values("timestamp", ascending=False) for u, g in levels.groupby("user_id")}
+    rows = []
+    counts = {"chosen_recommended": 0, "chosen_ground_truth": 0, "dropped_no_rejected": 0}
+    for p in prompts.itertuples(index=False):
+        user_levels = by_user.get(p.user_id)
+        label = dict(zip(user_levels["item_id"], user_levels["level"])) if user_levels is not None else {}
+        history = set(p.history) if exclude_history else set()
+        rec = [i for i in recs.get(p.user_id, []) if i not in history]
+        liked_recs = [i for i in rec if label.get(i) == "liked"]
+        if liked_recs:
+            chosen, chosen_source = liked_recs[0], "recommended"
+        else:
+            chosen, chosen_source = p.target, "ground_truth"
+        rejected: list[tuple[str, str, str]] = []  # (item, level, source)
+        seen = {chosen}
+
+        def add(item: str, level: str, source: str) -> None:
+            if len(rejected) < n_rejected and item not in seen:
+                rejected.append((item, level, source))
+                seen.add(item)
+
+        for i in rec:
+            if label.get(i) in rejected_levels:
+                add(i, label[i], "recommended")
+        if user_levels is not None:
+            for i, level in zip(user_levels["item_id"], user_levels["level"]):
+                if level in rejected_levels:
+                    add(i, level, "user_history")
+        if pad_with_unrated:
+            for i in rec:
+                if i not in label:
+                    add(i, "unrated", "unrated_recommendation")
+        if not rejected:
+            counts["dropped_no_rejected"] += 1
+            continue
+        counts[f"chosen_{chosen_source}"] += 1
+        items = [r[0] for r in rejected]
+        sources = [r[2] for r in rejected]
+        cc = np.asarray(item_codes[chosen])
+        rows.append(
+            {
+                "prompt": p.prompt,
+                "user_id": p.user_id,
+                "chosen": chosen,
+                "chosen_tokens": item_tokens[chosen],
+                "chosen_source": chosen_source,
+                "rejected": items,
+                "rejected_tokens": [item_tokens[i] for i in items],
+                "rejected_level": [r[1] for r in rejected],
+                "rejected_source": sources,
+                "overlap": [int(np.cumprod(np.asarray(item_codes[i]) == cc).sum()) for i in items],
+                "n_from_recommendations": sources.count("recommended"),
+                "n_from_user_history": sources.count("user_history"),
+                "n_from_unrated": sources.count("unrated_recommendation"),
+                "filled": sources.count("user_history") + sources.count("unrated_recommendation"),
+            }
+        )
+    pairs = pd.DataFrame(rows, columns=RF_PAIR_COLUMNS)
+    stats = {k: float(v) for k, v in counts.items()}
+    stats["n_pairs"] = float(len(pairs))
+    for col in ("n_from_recommendations", "n_from_user_history", "n_from_unrated"):
+        stats[col] = float(pairs[col].sum()) if len(pairs) else 0.0
+    stats["mean_rejected_per_pair"] = float(pairs["rejected"].map(len).mean()) if len(pairs) else 0.0
+    return pairs, stats
+
+
+RF_PAIR_COLUMNS = [
+    "prompt", "user_id", "chosen", "chosen_tokens", "chosen_source", "rejected", "rejected_tokens", "rejected_level",
+    "rejected_source", "overlap", "n_from_recommendations", "n_from_user_history", "n_from_unrated", "filled",
+]
+
+
+def empty_feedback_pairs() -> pd.DataFrame:
+    import pyarrow as pa
+
+    s, ls = pa.string(), pa.list_(pa.string())
+    schema = pa.schema(
+        [("prompt", s), ("user_id", s), ("chosen", s), ("chosen_tokens", s), ("chosen_source", s), ("rejected", ls),
+         ("rejected_tokens", ls), ("rejected_level", ls), ("rejected_source", ls), ("overlap", pa.list_(pa.int64())),
+         ("n_from_recommendations", pa.int64()), ("n_from_user_history", pa.int64()), ("n_from_unrated", pa.int64()),
+         ("filled", pa.int64())]
+    )
+    return schema.empty_table().to_pandas()

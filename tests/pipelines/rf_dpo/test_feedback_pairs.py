@@ -1,0 +1,165 @@
+"""Feedback levels, training-period-only labels, and the pairs of each RF-DPO stage."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from align3gr_pipelines.feedback_pairs import build_feedback_pairs, rating_to_level, training_feedback, user_prompts
+
+
+def test_rating_to_level_whole_and_half_stars():
+    assert rating_to_level(pd.Series([1, 2, 3, 4, 5])).tolist() == ["disliked", "neutral", "neutral", "liked", "liked"]
+    half = pd.Series(np.arange(0.5, 5.01, 0.5))
+    assert rating_to_level(half).tolist() == ["disliked"] * 3 + ["neutral"] * 4 + ["liked"] * 3
+    assert rating_to_level(pd.Series([2.5, None])).tolist() == ["neutral", None]
+    # a 10-point scale with its own thresholds
+    assert rating_to_level(pd.Series([3, 4, 7.5, 8]), neutral_min=4, liked_min=8).tolist() == ["disliked", "neutral", "neutral", "liked"]
+    with pytest.raises(ValueError, match="neutral_min < liked_min"):
+        rating_to_level(pd.Series([1.0]), neutral_min=4, liked_min=4)
+
+
+class KeywordScorer:
+    """Test double for the sentiment scorer (the real one is tested in test_sentiment.py)."""
+
+    calls: list[list[str]] = []
+
+    def predict(self, texts):
+        KeywordScorer.calls.append(list(texts))
+        return ["liked" if "good" in t else "disliked" for t in texts]
+
+
+def _feedback():
+    return pd.DataFrame(
+        {
+            "user_id": ["u", "u", "u", "u", "u", "u", "v"],
+            "item_id": ["a", "b", "c", "d", "e", "f", "a"],
+            "level": ["liked", None, None, "neutral", "liked", "disliked", None],
+            "source": "rating",
+            "rating": [5.0, 1.5, None, 3.0, 4.0, 1.0, None],
+            "timestamp": [1, 2, 3, 4, 5, 6, 1],
+            "split": ["train", "train", "train", "train", "valid", "test", "train"],
+        }
+    )
+
+
+def test_training_feedback_levels_and_sources():
+    inter = pd.DataFrame({"user_id": ["u", "v"], "item_id": ["c", "a"], "timestamp": [3, 1], "review": ["good stuff", "  "]})
+    KeywordScorer.calls = []
+    levels, report = training_feedback(_feedback(), inter, {}, KeywordScorer)
+    assert dict(zip(levels["item_id"] + levels["user_id"], levels["level"])) == {"au": "liked", "bu": "disliked", "cu": "liked", "du": "neutral"}
+    assert dict(zip(levels["item_id"], levels["source"]))["c"] == "review_sentiment"
+    assert KeywordScorer.calls == [["good stuff"]]  # only the review-only training row; blank reviews are not scored
+    assert report["n_excluded_valid_test"] == 2 and report["n_unlabelled_dropped"] == 1 and report["n_review_sentiment"] == 1
+    assert report["level_counts"] == {"disliked": 1, "neutral": 1, "liked": 2}
+
+
+def test_training_feedback_recompute_and_errors():
+    levels, _ = training_feedback(_feedback(), None, {"recompute_from_rating": True, "neutral_min": 3.5, "liked_min": 4.5})
+    assert dict(zip(levels["item_id"], levels["level"])) == {"a": "liked", "b": "disliked", "d": "disliked"}
+    bad = _feedback().assign(level="meh")
+    with pytest.raises(ValueError, match="feedback.level"):
+        training_feedback(bad, None, {})
+    with pytest.raises(ValueError, match="feedback: missing column"):
+        training_feedback(_feedback().drop(columns="split"), None, {})
+    with pytest.raises(ValueError, match="feedback.split"):
+        training_feedback(_feedback().assign(split="later"), None, {})
+
+
+def test_valid_and_test_feedback_is_never_read():
+    fb = _feedback()
+    levels, _ = training_feedback(fb, None, {}, KeywordScorer)
+    mutated = fb.copy()
+    held_out = mutated["split"] != "train"
+    mutated.loc[held_out, "level"] = "this would fail validation"
+    mutated.loc[held_out, "item_id"] = "b"
+    again, _ = training_feedback(mutated, None, {}, KeywordScorer)
+    pd.testing.assert_frame_equal(levels, again)
+
+
+LEVELS = pd.DataFrame(
+    {
+        "user_id": "u",
+        "item_id": ["a", "b", "c", "d", "e", "g"],
+        "level": ["liked", "liked", "disliked", "disliked", "neutral", "liked"],
+        "timestamp": [1, 2, 3, 4, 5, 6],
+    }
+)
+TOKENS = {i: f"<i0_{n}><i1_0>" for n, i in enumerate("abcdefgxyz")}
+CODES = {i: [n, 0] for n, i in enumerate("abcdefgxyz")}
+PROMPTS = pd.DataFrame({"user_id": ["u"], "prompt": ["p"], "history": [["a"]], "target": ["b"], "position": [1]})
+RECS = pd.DataFrame({"user_id": "u", "item_id": ["a", "x", "c", "g", "e", "y"], "rank": range(6)})
+
+
+def _pairs(stage, n=4, pad=True, exclude=True, recs=RECS):
+    pairs, stats = build_feedback_pairs(PROMPTS, recs, LEVELS, stage, n, pad, exclude, TOKENS, CODES)
+    assert len(pairs) == 1
+    return pairs.iloc[0], stats
+
+
+def test_easy_pairs_liked_vs_disliked():
+    row, stats = _pairs("easy")
+    # 'a' is recommended and liked but already in the prompt's history: not chosen; 'g' is the best
+    # recommended liked item. Rejected: recommended disliked, then the user's other disliked, then unrated.
+    assert row.chosen == "g" and row.chosen_source == "recommended"
+    assert list(row.rejected) == ["c", "d", "x", "y"]
+    assert list(row.rejected_level) == ["disliked", "disliked", "unrated", "unrated"]
+    assert list(row.rejected_source) == ["recommended", "user_history", "unrated_recommendation", "unrated_recommendation"]
+    assert (row.n_from_recommendations, row.n_from_user_history, row.n_from_unrated, row.filled) == (1, 1, 2, 3)
+    assert stats["chosen_recommended"] == 1
+    assert list(row.rejected_tokens) == [TOKENS[i] for i in row.rejected]
+
+
+def test_hard_pairs_liked_vs_neutral():
+    row, _ = _pairs("hard")
+    assert row.chosen == "g" and list(row.rejected) == ["e", "x", "y"]
+    assert list(row.rejected_level) == ["neutral", "unrated", "unrated"]
+
+
+def test_mixed_pairs_and_padding_switch():
+    row, _ = _pairs("mixed", n=3)
+    assert list(row.rejected) == ["c", "e", "d"]
+    row, _ = _pairs("easy", pad=False)
+    assert list(row.rejected) == ["c", "d"] and row.n_from_unrated == 0
+
+
+def test_ground_truth_chosen_when_no_liked_item_is_recommended():
+    recs = RECS[RECS["item_id"].isin(["x", "c"])]
+    row, stats = _pairs("easy", recs=recs)
+    assert row.chosen == "b" and row.chosen_source == "ground_truth" and stats["chosen_ground_truth"] == 1
+    row, _ = _pairs("easy", recs=RECS, exclude=False)
+    assert row.chosen == "a"  # with history items allowed, the top recommended liked item
+
+
+def test_user_without_rejected_items_is_dropped():
+    pairs, stats = build_feedback_pairs(PROMPTS, RECS[RECS["item_id"] == "g"], LEVELS[LEVELS["level"] == "liked"], "easy", 4, True, True, TOKENS, CODES)
+    assert len(pairs) == 0 and stats["dropped_no_rejected"] == 1
+
+
+def test_user_prompts_take_the_prefix_before_the_latest_liked_training_item():
+    seqs = pd.DataFrame(
+        {"user_id": "u", "history": [["a"], ["a", "b"], ["a", "b", "c"]], "target": ["b", "c", "d"], "position": [1, 2, 3]}
+    )
+    prompts, stats = user_prompts(seqs, LEVELS, TOKENS, {"u": "<u0_1>"}, 0, None, 0)
+    assert prompts.iloc[0].target == "b" and prompts.iloc[0].history == ["a"]
+    assert prompts.iloc[0].prompt.startswith("User <u0_1> has interacted with items <i0_0><i1_0> in order.")
+    none, stats = user_prompts(seqs, LEVELS.assign(level="neutral"), TOKENS, None, 0, None, 0)
+    assert len(none) == 0 and stats["n_users_without_liked_train_item"] == 1
+
+
+def test_resolve_node_calibrates_the_scorer_on_rated_reviews():
+    from align3gr_pipelines.pipelines.rf_dpo.nodes import resolve_feedback_levels
+
+    words = {1.0: ["awful", "broken", "terrible", "useless"], 3.0: ["okay", "average", "passable", "so-so"],
+             5.0: ["superb", "wonderful", "excellent", "brilliant"]}
+    rows = [(f"u{k}", f"i{r}_{k}", r, f"A {w} purchase, number {k}.") for r, ws in words.items() for k, w in enumerate(ws * 5)]
+    rows += [("x", "j1", None, "A brilliant purchase, would buy again."), ("x", "j2", None, "An awful purchase, it broke.")]
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "review"]).assign(timestamp=0)
+    fb = inter.assign(level=rating_to_level(inter["rating"]), source="rating", split="train").drop(columns="review")
+    params = {"sentiment": {"calibrate_on_rated": True, "check_on_rated": 30}}
+    levels, report = resolve_feedback_levels(fb, inter, params, seed=0)
+    scored = levels[levels["source"] == "review_sentiment"].set_index("item_id")["level"].to_dict()
+    assert scored == {"j1": "liked", "j2": "disliked"}
+    info = report["info"]["sentiment"]
+    assert info["calibrated"] is True and info["agreement_with_ratings"]["n_reviews"] == 30
+    assert report["scalars"]["sentiment_accuracy_on_rated"] >= 0.8

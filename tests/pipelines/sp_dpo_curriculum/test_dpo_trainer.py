@@ -1,0 +1,143 @@
+"""The shared-prefix log-probs, the training loop, stage metadata and the LoRA path."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align3gr_pipelines.dpo_trainer import (
+    DPOConfig,
+    PreferenceExample,
+    collate,
+    examples_from_pairs,
+    pass_through,
+    sequence_logps,
+    train_stage,
+    weights_fingerprint,
+)
+from align3gr_pipelines.rec_lm import encode_prompt, encode_response
+from align3gr_pipelines.self_play import build_pairs, item_code_table, sample_prompts
+
+from .tiny_world import make_world
+
+QUIET = {"show_progress": False}
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(n_users=8, seed=1)
+
+
+def _random_pairs(world, n=12, n_neg=4, seed=0):
+    import numpy as np
+
+    ids, codes, tokens = item_code_table(world.item_scids)
+    prompts, _ = sample_prompts(world.sft_examples, ids, seed)
+    return build_pairs(prompts.head(n), ids, codes, tokens, None, None, n_neg, np.random.default_rng(seed))[0]
+
+
+def test_shared_prefix_logps_equal_full_forward(world):
+    tok, model = world.policy.tokenizer, world.policy.model
+    scids = world.item_scids["tokens"].tolist()
+    prompts = world.sft_examples["prompt"].tolist()
+    # prompts of different lengths (left padding) and rejected lists of different lengths (masked slots)
+    examples = [
+        PreferenceExample(encode_prompt(tok, prompts[i]), encode_response(tok, scids[i]),
+                          [encode_response(tok, scids[i + j + 1]) for j in range(1 + i % 3)])
+        for i in range(4)
+    ]
+    with torch.no_grad():
+        fast = sequence_logps(model, collate(examples, tok.pad_token_id))
+        for i, e in enumerate(examples):
+            for j, resp in enumerate([e.chosen_ids, *e.rejected_ids]):
+                logits = model(torch.tensor([e.prompt_ids + resp])).logits.log_softmax(-1)[0]
+                p = len(e.prompt_ids)
+                full = sum(logits[p - 1 + t, resp[t]].item() for t in range(len(resp)))
+                assert fast[i, j].item() == pytest.approx(full, abs=1e-4)
+            assert (fast[i, 1 + len(e.rejected_ids) :] == 0).all()
+
+
+def test_training_moves_rewards_in_the_right_direction(world):
+    pairs = _random_pairs(world, n=16)
+    cfg = DPOConfig(beta=0.5, learning_rate=3e-3, batch_size=4, epochs=4, **QUIET)
+    new, metrics = train_stage(world.policy, pairs, cfg, seed=0, stage="sp_dpo_easy", reference="sft_model")
+    s = metrics["scalars"]
+    assert s["initial_loss"] == pytest.approx(math.log(1 + 4), rel=1e-4)  # policy == reference at step 0
+    assert s["final_loss"] < s["initial_loss"] - 0.05
+    assert s["final_reward_margin"] > 0
+    assert set(metrics["curves"]) >= {"loss", "reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp"}
+    assert len(metrics["curves"]["loss"]) == s["optimizer_steps"] == 16
+    # the input policy is untouched; the output's meta records the chain
+    assert weights_fingerprint(world.policy.model) == new.meta["dpo"]["reference_fingerprint"]
+    assert weights_fingerprint(new.model) == new.meta["dpo"]["policy_fingerprint"] != new.meta["dpo"]["reference_fingerprint"]
+    assert new.meta["stage"] == "sp_dpo_easy" and new.meta["skipped"] is False
+
+
+def test_deterministic_under_seed(world):
+    pairs = _random_pairs(world, n=8)
+    cfg = DPOConfig(learning_rate=1e-3, batch_size=4, **QUIET)
+    a, _ = train_stage(world.policy, pairs, cfg, seed=3, stage="s", reference="r")
+    b, _ = train_stage(world.policy, pairs, cfg, seed=3, stage="s", reference="r")
+    assert weights_fingerprint(a.model) == weights_fingerprint(b.model)
+
+
+def test_grad_accumulation_matches_a_big_batch(world):
+    pairs = _random_pairs(world, n=8)
+    big, _ = train_stage(world.policy, pairs, DPOConfig(learning_rate=1e-3, batch_size=8, **QUIET), 0, "s", "r")
+    acc, _ = train_stage(world.policy, pairs, DPOConfig(learning_rate=1e-3, batch_size=2, grad_accum_steps=4, **QUIET), 0, "s", "r")
+    for p, q in zip(big.model.parameters(), acc.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5)
+
+
+def test_a_policy_saved_with_activation_checkpointing_still_trains(world):
+    from align3gr_pipelines.rec_lm import RecLM
+
+    model = __import__("copy").deepcopy(world.policy.model)
+    model.gradient_checkpointing_enable()
+    policy = RecLM(model=model, tokenizer=world.policy.tokenizer, meta=world.policy.meta)
+    _, metrics = train_stage(policy, _random_pairs(world, n=4), DPOConfig(batch_size=4, **QUIET), 0, "s", "r")
+    assert metrics["scalars"]["optimizer_steps"] == 1
+
+
+def test_pass_through_marks_skipped(world):
+    out, metrics = pass_through(world.policy, "sp_dpo_easy", "ablation")
+    assert out.meta["skipped"] is True and out.model is world.policy.model
+    assert metrics["info"]["skipped"] is True
+
+
+def test_bad_parameters():
+    with pytest.raises(ValueError, match="unknown training parameter.*lr"):
+        DPOConfig.from_params({"lr": 1e-4}, "parameters sp_dpo_curriculum.training")
+    with pytest.raises(ValueError, match="batch_size"):
+        DPOConfig.from_params({"batch_size": 0}, "x")
+
+
+def test_examples_from_pairs_layout(world):
+    pairs = _random_pairs(world, n=2, n_neg=3)
+    ex = examples_from_pairs(pairs, world.policy.tokenizer)
+    assert len(ex) == 2 and len(ex[0].rejected_ids) == 3
+    assert ex[0].chosen_ids[-1] == world.policy.tokenizer.eos_token_id and len(ex[0].chosen_ids) == 4
+
+
+def test_lora_trains_only_the_adapter_and_the_reference_is_the_stage_input(world):
+    from peft import LoraConfig, get_peft_model
+
+    from align3gr_pipelines.rec_lm import RecLM
+
+    base = world.policy
+    # As sft_train builds it: LoRA matrices plus PEFT "trainable tokens" for the SCID rows.
+    scid_rows = base.tokenizer.convert_tokens_to_ids(["<i0_0>", "<i0_1>", "<i1_0>"])
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], trainable_token_indices={"embed_tokens": scid_rows})
+    model = get_peft_model(__import__("copy").deepcopy(base.model), lora)
+    for n, p in model.named_parameters():  # as a reloaded inference checkpoint comes back: all frozen
+        p.requires_grad_(False)
+    policy = RecLM(model=model, tokenizer=base.tokenizer, meta={**base.meta, "peft": True})
+    pairs = _random_pairs(world, n=8)
+    new, metrics = train_stage(policy, pairs, DPOConfig(learning_rate=1e-2, batch_size=4, **QUIET), 0, "s", "r")
+    before = dict(policy.model.named_parameters())
+    changed = {n for n, p in new.model.named_parameters() if not torch.equal(p, before[n])}
+    assert any("lora_" in n for n in changed) and any("trainable_tokens" in n for n in changed)
+    assert all("lora_" in n or "trainable_tokens" in n for n in changed)  # the base weights never move
+    assert new.meta["dpo"]["reference_fingerprint"] == weights_fingerprint(policy.model)
+    assert metrics["scalars"]["initial_loss"] == pytest.approx(math.log(5), rel=1e-4)

@@ -1,0 +1,127 @@
+"""The overlap bucket rule and self-play pair construction with the policy's own beam search."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from align3gr_pipelines.self_play import (
+    Quota,
+    build_pairs,
+    curriculum_quotas,
+    decode_candidates,
+    item_code_table,
+    mixed_quotas,
+    overlap_range,
+    sample_prompts,
+    select_negatives,
+    shared_prefix_length,
+)
+
+from .tiny_world import make_world
+
+
+def test_shared_prefix_length():
+    a = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]])
+    b = torch.tensor([[4, 2, 3], [1, 5, 3], [1, 2, 6], [1, 2, 3]])
+    assert shared_prefix_length(a, b).tolist() == [0, 1, 2, 3]  # a later match after a mismatch does not count
+
+
+@pytest.mark.parametrize(
+    "n_levels, expected",
+    [
+        (3, [(0, 0), (1, 1), (2, 2)]),
+        (4, [(0, 0), (1, 2), (3, 3)]),
+        (5, [(0, 0), (1, 2), (3, 4)]),
+        (2, [(0, 0), (1, 1), (1, 1)]),
+        (1, [(0, 0), (0, 0), (0, 0)]),
+    ],
+)
+def test_overlap_ranges_for_three_stages(n_levels, expected):
+    assert [overlap_range(s, 3, n_levels) for s in range(3)] == expected
+
+
+@pytest.mark.parametrize("n_stages", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("n_levels", [2, 3, 4, 6, 8])
+def test_bucket_rule_properties(n_stages, n_levels):
+    ranges = [overlap_range(s, n_stages, n_levels) for s in range(n_stages)]
+    assert ranges[0] == (0, 0)  # easy: a different first code
+    for (lo, hi), (lo2, hi2) in zip(ranges, ranges[1:]):
+        assert lo <= hi and lo2 >= lo and hi2 >= hi  # progressively longer shared prefixes
+    assert all(hi <= n_levels - 1 for _, hi in ranges)  # never the identical item
+    if 2 <= n_stages <= n_levels:  # then the stages partition every possible overlap
+        covered = sorted(o for lo, hi in ranges for o in range(lo, hi + 1))
+        assert covered == list(range(n_levels))
+
+
+def test_mixed_quotas_split_n_over_buckets():
+    q = mixed_quotas(3, 3, 20)
+    assert [(x.lo, x.hi) for x in q] == [(0, 0), (1, 1), (2, 2)] and [x.n for x in q] == [7, 7, 6]
+
+
+def test_select_negatives_prefers_generated_then_fills():
+    codes = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 2], [1, 1, 1], [0, 1, 1]])
+    rng = np.random.default_rng(0)
+    # hard bucket (overlap 2) for chosen 0: items 1 and 4; the policy generated 4 (and the chosen item)
+    rej, ov, filled = select_negatives(0, [0, 4, 3], codes, [Quota(2, 2, 3)], rng)
+    assert rej[0] == 4 and set(rej) == {1, 4} and ov == [2, 2] and filled == 1
+    rej, ov, filled = select_negatives(0, [5, 3, 2], codes, [Quota(0, 0, 2)], rng)
+    assert rej == [5, 3] and ov == [0, 0] and filled == 0
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world(n_users=10, seed=2)
+
+
+@pytest.mark.parametrize("mode", ["easy", "medium", "hard", "mixed"])
+def test_every_generated_pair_obeys_the_bucket_rule(world, mode):
+    ids, codes, tokens = item_code_table(world.item_scids)
+    prompts, _ = sample_prompts(world.sft_examples, ids, seed=0)
+    prompts = prompts.head(12)
+    cands = decode_candidates(world.policy, prompts["prompt"].tolist(), world.item_scids, ids, 10, 10, 8, show_progress=False)
+    assert cands.shape == (12, 10) and (cands >= 0).all()
+    stage = {"easy": 0, "medium": 1, "hard": 2}.get(mode)
+    quotas = mixed_quotas(3, 3, 6) if mode == "mixed" else curriculum_quotas(stage, 3, 3, 6)
+    pairs, stats = build_pairs(prompts, ids, codes, tokens, cands, quotas, 6, np.random.default_rng(0))
+    assert len(pairs) == 12 and stats["n_dropped_no_negative"] == 0
+    pos = {iid: i for i, iid in enumerate(ids)}
+    for row, cand in zip(pairs.itertuples(), cands):
+        c = pos[row.chosen]
+        assert row.chosen == prompts.loc[row.Index, "target_item_id"]
+        assert row.chosen not in row.rejected and len(set(row.rejected)) == len(row.rejected)
+        recomputed = [int(shared_prefix_length(codes[pos[r]], codes[c])) for r in row.rejected]
+        assert recomputed == list(row.overlap)
+        for q in quotas:
+            in_q = [o for o in row.overlap if q.lo <= o <= q.hi]
+            assert len(in_q) <= q.n
+        assert all(any(q.lo <= o <= q.hi for q in quotas) for o in row.overlap)
+        assert all(o < codes.shape[1] for o in row.overlap)  # never identical
+        # the policy's own candidates in range come first, in their beam order; fills come last
+        generated = [ids[i] for i in cand if i != c and any(q.lo <= shared_prefix_length(codes[i], codes[c]) <= q.hi for q in quotas)]
+        if len(quotas) == 1:
+            assert list(row.rejected[: row.n_generated]) == generated[: row.n_generated]
+        assert row.n_generated + row.filled == len(row.rejected)
+    assert stats["n_rejected_filled"] == pairs["filled"].sum()
+    if mode == "easy":  # the untrained model's 10 beams hold plenty of items with another first code
+        assert pairs["n_generated"].sum() > 0
+
+
+def test_random_negatives(world):
+    ids, codes, tokens = item_code_table(world.item_scids)
+    prompts, _ = sample_prompts(world.sft_examples, ids, seed=0)
+    pairs, _ = build_pairs(prompts.head(5), ids, codes, tokens, None, None, 7, np.random.default_rng(0))
+    assert (pairs["rejected"].map(len) == 7).all() and (pairs["filled"] == 0).all()
+    assert not any(r.chosen in r.rejected for r in pairs.itertuples())
+
+
+def test_sample_prompts_rejects_bad_input(world):
+    ids, _, _ = item_code_table(world.item_scids)
+    with pytest.raises(ValueError, match="sft_examples: missing column 'target_item_id'"):
+        sample_prompts(world.sft_examples.drop(columns="target_item_id"), ids, 0)
+    with pytest.raises(ValueError, match="no SEQ training rows"):
+        sample_prompts(world.sft_examples[world.sft_examples["task"] != "seq"], ids, 0)
+    prompts, _ = sample_prompts(world.sft_examples, ids, 0)
+    assert set(prompts.columns) == {"prompt", "user_id", "target_item_id"}
+    seq_train = world.sft_examples.query("task == 'seq' and split == 'train'")
+    assert len(prompts) == len(seq_train)

@@ -17,7 +17,7 @@ from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from align3gr_pipelines.hooks import dataset_local_path, is_parameter, lineage_store, staleness_checker
+from align3gr_pipelines.hooks import data_root, dataset_local_path, is_parameter, lineage_store, staleness_checker
 from align3gr_pipelines.lineage import FRESH, MISSING, STALE, UNTRACKED, Staleness
 
 AGGREGATE_PIPELINES = ("__default__", "full")
@@ -57,8 +57,9 @@ def lineage_report(project_path: Path, pipeline: str = "__default__", env: str |
     pipe = pipelines[pipeline]
     stage_of = _stage_of(pipelines)
     with KedroSession.create(project_path=project_path, env=env) as session:
-        catalog = session.load_context().catalog
-        checker = staleness_checker(catalog, lineage_store(project_path))
+        context = session.load_context()
+        catalog = context.catalog
+        checker = staleness_checker(catalog, lineage_store(project_path, data_root(context.config_loader)))
         rows: list[dict[str, Any]] = []
         stale_nodes: list[str] = []
         for node in pipe.nodes:  # topologically sorted
@@ -177,10 +178,15 @@ def status(
 
 @lineage.command("show")
 @click.argument("dataset")
+@click.option("--env", "-e", default=None, help="Kedro configuration environment (its data root).")
 @click.pass_obj
-def show(metadata: Any, dataset: str) -> None:
+def show(metadata: Any, dataset: str, env: str | None) -> None:
     """Print the lineage record of DATASET: the parameters and inputs it was built from."""
-    record = lineage_store(_project_path(metadata)).read(dataset)
+    project_path = _project_path(metadata)
+    bootstrap_project(project_path)
+    with KedroSession.create(project_path=project_path, env=env) as session:
+        root = data_root(session.load_context().config_loader)
+    record = lineage_store(project_path, root).read(dataset)
     if record is None:
         raise click.ClickException(f"no lineage record for '{dataset}' (not built yet, or built before lineage tracking)")
     click.echo(json.dumps(record.to_json(), indent=2, sort_keys=True))

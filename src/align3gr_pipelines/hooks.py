@@ -44,8 +44,8 @@ from align3gr_pipelines.lineage import (
 
 logger = logging.getLogger(__name__)
 
-LINEAGE_DIR = Path("data") / ".lineage"
-REPORTING_DIR = Path("data") / "08_reporting"
+DEFAULT_DATA_ROOT = "data"
+REPORTING_LAYER = "08_reporting"
 ON_STALE_ENV = "ALIGN3GR_ON_STALE"
 ON_STALE_MODES = ("warn", "error", "ignore")
 MAX_ARTIFACT_MB_ENV = "ALIGN3GR_MLFLOW_MAX_ARTIFACT_MB"
@@ -59,8 +59,16 @@ class StaleInputError(RuntimeError):
     """A node was about to consume an artifact built from parameters or inputs that have changed."""
 
 
-def lineage_store(project_path: str | os.PathLike) -> LineageStore:
-    return LineageStore(Path(project_path) / LINEAGE_DIR)
+def data_root(config_loader: Any) -> str:
+    """The env's data root (`conf/<env>/globals.yml: data_root`), so each env keeps its own lineage."""
+    try:
+        return str(config_loader["globals"].get("data_root", DEFAULT_DATA_ROOT))
+    except (KeyError, AttributeError, TypeError):
+        return DEFAULT_DATA_ROOT
+
+
+def lineage_store(project_path: str | os.PathLike, root: str = DEFAULT_DATA_ROOT) -> LineageStore:
+    return LineageStore(Path(project_path) / root / ".lineage")
 
 
 def on_stale_mode() -> str:
@@ -138,7 +146,7 @@ class LineageHooks:
     @hook_impl
     def after_context_created(self, context: Any) -> None:
         self.project_path = Path(context.project_path)
-        self.store = lineage_store(self.project_path)
+        self.store = lineage_store(self.project_path, data_root(context.config_loader))
 
     @hook_impl(tryfirst=True)
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -376,8 +384,9 @@ class MlflowLoggingHooks:
         if path is None or not path.exists():
             return
         rel = Path(_relative(path, self.lineage.project_path))
-        if rel.parts[: len(REPORTING_DIR.parts)] == REPORTING_DIR.parts:
-            self._log_artifact(path, rel.parent.relative_to(Path("data")).as_posix())
+        if REPORTING_LAYER in rel.parts[:-1]:
+            layer = rel.parts.index(REPORTING_LAYER)
+            self._log_artifact(path, Path(*rel.parts[layer:-1]).as_posix())
         elif dataset_name.endswith("_scids"):
             self._log_artifact(path, "scids")
         if dataset_name == "data_fingerprint" and path.is_file():

@@ -1,7 +1,8 @@
-"""Registers each stage by name, `full` = every registered stage in DAG order, `__default__` = `full`."""
+"""Registers each stage by name, `full` = every stage in DAG order, `__default__` = `full`."""
 from __future__ import annotations
 
-from kedro.framework.project import find_pipelines
+import importlib
+
 from kedro.pipeline import Pipeline
 
 STAGES = (
@@ -16,12 +17,14 @@ STAGES = (
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    found = find_pipelines(raise_errors=True)
-    pipelines = {name: found[name] for name in STAGES if name in found}
+    # Explicit imports rather than kedro's find_pipelines: since Kedro 1.x the CLI narrows discovery to
+    # the requested names, and `full` is not a module of its own.
+    pipelines = {
+        name: importlib.import_module(f"align3gr_pipelines.pipelines.{name}").create_pipeline() for name in STAGES
+    }
     full = Pipeline([])
     for name in STAGES:
-        if name in pipelines:
-            full += pipelines[name]
+        full += pipelines[name]
     pipelines["full"] = full
     pipelines["__default__"] = full
     return pipelines

@@ -99,7 +99,7 @@ def test_kedro_session_run_on_tiny_demo(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "conf" / "base").mkdir(parents=True)
     (tmp_path / "conf" / "local").mkdir()
-    for name in ("parameters.yml", "parameters_data_prep.yml", "catalog_data_prep.yml"):
+    for name in ("globals.yml", "parameters.yml", "parameters_data_prep.yml", "catalog_data_prep.yml"):
         shutil.copy(REPO / "conf" / "base" / name, tmp_path / "conf" / "base" / name)
     mlflow_conf = REPO / "conf" / "base" / "mlflow.yml"
     if mlflow_conf.is_file():  # keep kedro-mlflow quiet and fast here: no tracking for this run

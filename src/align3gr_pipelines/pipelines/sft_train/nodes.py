@@ -1,1 +1,47 @@
-"""Nodes of the `sft_train` stage: thin orchestration over modules in align3gr_pipelines."""
+"""Nodes of the `sft_train` stage: thin orchestration over `align3gr_pipelines.sft_trainer`."""
+from __future__ import annotations
+
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from align3gr_pipelines.rec_lm import RecLM  # noqa: E402
+from align3gr_pipelines.sft_trainer import fit_sft  # noqa: E402
+
+
+def train_sft_model(
+    sft_examples: pd.DataFrame,
+    item_scids: pd.DataFrame,
+    user_scids: pd.DataFrame,
+    params: dict[str, Any],
+    seed: int,
+) -> tuple[RecLM, dict[str, Any]]:
+    """Multi-task SFT of the backbone on the SFT examples; returns the RecLM and its metrics JSON."""
+    return fit_sft(sft_examples, item_scids, user_scids, params, seed)
+
+
+def plot_training_curve(metrics: dict[str, Any]) -> plt.Figure:
+    curves = metrics["curves"]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
+    train_label = "train (response + history SCIDs)" if metrics["info"].get("history_loss") else "train (response)"
+    for name, style, label in (("train_loss", "-", train_label), ("eval_loss", "o-", "valid SEQ (response)")):
+        if curves.get(name):
+            steps, values = zip(*curves[name])
+            ax_loss.plot(steps, values, style, label=label)
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("cross-entropy per labelled token")
+    ax_loss.set_title("SFT loss")
+    ax_loss.legend()
+    if curves.get("learning_rate"):
+        steps, values = zip(*curves["learning_rate"])
+        ax_lr.plot(steps, values)
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.set_title("learning rate")
+    s = metrics["scalars"]
+    fig.suptitle(f"sft_train: {s.get('tokens_per_s', 0):.0f} tokens/s, best eval loss {s.get('best_eval_loss', float('nan')):.3f}")
+    fig.tight_layout()
+    return fig

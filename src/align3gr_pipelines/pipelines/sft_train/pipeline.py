@@ -1,6 +1,18 @@
-"""The `sft_train` stage wiring."""
-from kedro.pipeline import Pipeline
+"""The `sft_train` stage wiring: SFT examples + SCIDs -> the SFT RecLM, its metrics and training curve."""
+from kedro.pipeline import Pipeline, node
+
+from .nodes import plot_training_curve, train_sft_model
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline([])
+    return Pipeline(
+        [
+            node(
+                train_sft_model,
+                inputs=["sft_examples", "item_scids", "user_scids", "params:sft_train", "params:seed"],
+                outputs=["sft_model", "sft_train_metrics"],
+                name="train_sft_model",
+            ),
+            node(plot_training_curve, inputs="sft_train_metrics", outputs="sft_training_curve", name="plot_sft_training_curve"),
+        ]
+    )

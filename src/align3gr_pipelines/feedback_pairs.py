@@ -146,8 +146,10 @@ def user_prompts(
     template_id: int,
     max_users: int | None,
     seed: int,
+    max_history: int | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """One prompt per user: the training prefix before the user's latest liked training item."""
+    """One prompt per user: the training prefix before the user's latest liked training item, cut to the
+    last `max_history` items so the prompt looks like the SEQ prompts the policy was trained on."""
     _require(train_sequences, "train_sequences", ["user_id", "history", "target", "position"])
     seqs = train_sequences.copy()
     seqs["user_id"], seqs["target"] = seqs["user_id"].astype(str), seqs["target"].astype(str)
@@ -160,6 +162,8 @@ def user_prompts(
     prompts, kept = [], []
     for r in rows.itertuples(index=False):
         hist = [str(i) for i in r.history]
+        if max_history is not None:
+            hist = hist[-max_history:] if max_history > 0 else []
         if any(i not in item_tokens for i in hist + [r.target]):
             continue
         prompts.append(seq_prompt([item_tokens[i] for i in hist], (user_tokens or {}).get(r.user_id), template_id))

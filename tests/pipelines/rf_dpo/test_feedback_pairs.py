@@ -163,3 +163,13 @@ def test_resolve_node_calibrates_the_scorer_on_rated_reviews():
     info = report["info"]["sentiment"]
     assert info["calibrated"] is True and info["agreement_with_ratings"]["n_reviews"] == 30
     assert report["scalars"]["sentiment_accuracy_on_rated"] >= 0.8
+
+
+def test_user_prompts_cut_history_to_the_sft_prompt_length():
+    seqs = pd.DataFrame(
+        {"user_id": ["u"], "history": [["a", "c", "d"]], "target": ["b"], "position": [3]}
+    )
+    tokens = {**TOKENS, "c": "<i0_2><i1_2>", "d": "<i0_3><i1_3>"}
+    prompts, _ = user_prompts(seqs, LEVELS, tokens, None, 0, None, 0, max_history=2)
+    assert prompts.iloc[0].history == ["a", "c", "d"]  # the record keeps the full prefix
+    assert "<i0_0><i1_0>" not in prompts.iloc[0].prompt and "<i0_3><i1_3>" in prompts.iloc[0].prompt

@@ -129,6 +129,7 @@ def recommend_for_feedback(
     prompts, stats = fp.user_prompts(
         train_sequences, levels, dict(zip(item_ids, tokens)), user_tokens, int(pcfg.get("template_id", 0)),
         None if max_users is None else int(max_users), int(seed),
+        None if pcfg.get("max_history") is None else int(pcfg["max_history"]),
     )
     if len(prompts) == 0:
         raise ValueError("rf_dpo: no user has a liked item in the training period (feedback level 'liked', split 'train')")

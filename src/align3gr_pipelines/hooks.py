@@ -312,6 +312,19 @@ def anchor_sqlite_uri(context: Any) -> None:
     loader["mlflow"] = {**conf, "server": server, "tracking": tracking}
 
 
+def _forget_previous_kedro_mlflow_run() -> None:
+    """kedro-mlflow's hook is a process-wide singleton that keeps the run id of the previous session
+    (2.0.3 does not reset it after a failed run or for a pipeline whose tracking is disabled). A later
+    session in the same process (a notebook, a test) would then try to reopen that run in its own store
+    before every node and fail with 'Run not found'. Every session starts without it."""
+    try:
+        from kedro_mlflow.framework.hooks.mlflow_hook import mlflow_hook
+    except ImportError:  # kedro-mlflow not installed: nothing to reset
+        return
+    if getattr(mlflow_hook, "run_id", None) is not None:
+        mlflow_hook.run_id = None
+
+
 class MlflowLoggingHooks:
     """Logs stage outputs to the MLflow run that kedro-mlflow opened for this ``kedro run``."""
 
@@ -327,6 +340,7 @@ class MlflowLoggingHooks:
         active = mlflow.active_run()
         self._run_opened_outside = active.info.run_id if active else None
         anchor_sqlite_uri(context)
+        _forget_previous_kedro_mlflow_run()
 
     @hook_impl(trylast=True)  # after kedro-mlflow has started the run
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:

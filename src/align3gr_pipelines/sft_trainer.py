@@ -30,9 +30,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from align3gr_pipelines.backbone import build_backbone, scid_vocabulary
 from align3gr_pipelines.rec_lm import RecLM, encode_response, pick_device
+from align3gr_pipelines.scid import split_tokens
+from align3gr_pipelines.tca4rec import TCA4Rec, history_from_prompt
 
 log = logging.getLogger(__name__)
 
@@ -51,22 +54,26 @@ def encode_examples(
     responses: list[str],
     max_length: int,
     prompt_label_ids: set[int] | frozenset[int] = frozenset(),
+    with_index: bool = False,
 ) -> tuple[list[dict[str, list[int]]], int]:
     """Token ids and labels per example; examples longer than `max_length` are dropped (count returned).
 
     Prompt positions are unlabelled (-100) except tokens in `prompt_label_ids`: with the item SCID tokens
     there, the history inside a prompt is trained too (each item predicted from the items before it), the
     all-positions supervision SASRec gets from a sequence, at no extra forward cost.
+    ``with_index`` adds ``example`` (position in the inputs) and ``response_start`` (first response index).
     """
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # == encode_prompt, batched
     out, dropped = [], 0
-    for p_ids, response in zip(prompt_ids, responses):
+    for k, (p_ids, response) in enumerate(zip(prompt_ids, responses)):
         r_ids = encode_response(tokenizer, response)
         if len(p_ids) + len(r_ids) > max_length:
             dropped += 1
             continue
         p_labels = [i if i in prompt_label_ids else IGNORE_INDEX for i in p_ids]
         out.append({"input_ids": list(p_ids) + r_ids, "labels": p_labels + r_ids})
+        if with_index:
+            out[-1].update(example=k, response_start=len(p_ids))
     return out, dropped
 
 
@@ -97,7 +104,25 @@ class PadCollator:
             ids[k, :n] = torch.tensor(b["input_ids"])
             labels[k, :n] = torch.tensor(b["labels"])
             mask[k, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if "tca_row" in batch[0]:  # TCA4Rec training rows (validation rows never carry them: plain CE)
+            out.update(_tca4rec_batch(batch))
+        return out
+
+
+def _tca4rec_batch(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    fields = {
+        "tca_row": torch.tensor([b["tca_row"] for b in batch], dtype=torch.long),
+        "tca_start": torch.tensor([b["tca_start"] for b in batch], dtype=torch.long),
+    }
+    shaped = [b["tca_dist"] for b in batch if "tca_dist" in b]
+    if shaped:  # plain-CE rows get zeros, which the loss never reads
+        dist = torch.zeros((len(batch), *shaped[0].shape))
+        for k, b in enumerate(batch):
+            if "tca_dist" in b:
+                dist[k] = b["tca_dist"]
+        fields["tca_dist"] = dist
+    return fields
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -203,11 +228,13 @@ def train_causal_lm(
     seed: int,
     callbacks: list[Any] | None = None,
     compute_loss_func: Any = None,
+    tca4rec: TCA4Rec | None = None,
 ) -> tuple[Any, TrainResult]:
     """Train with the HF Trainer, resuming from the last checkpoint in `output_dir` if there is one.
 
     Works the same in a single process and inside a torchrun worker (the Trainer wraps the model in DDP).
-    Returns the trainer (its model is the best checkpoint's when eval ran) and a summary.
+    Returns the trainer (its model is the best checkpoint's when eval ran) and a summary. With `tca4rec`,
+    training rows carrying ``tca_*`` fields (see `attach_tca4rec_targets`) are trained with its loss.
     """
     from transformers import EarlyStoppingCallback, Trainer
     from transformers.trainer_utils import get_last_checkpoint
@@ -224,7 +251,12 @@ def train_causal_lm(
         cbs.append(EarlyStoppingCallback(int(stop["patience"]), float(stop.get("threshold", 0.0))))
     if getattr(model, "peft_config", None) and args.activation_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input under frozen embeddings
-    trainer = Trainer(
+    if tca4rec is not None and compute_loss_func is not None:
+        raise ValueError("sft_train: give either compute_loss_func or tca4rec, not both")
+    trainer_class = Trainer if tca4rec is None else _tca4rec_trainer_class()
+    extra = {} if tca4rec is None else {"tca4rec": tca4rec}
+    trainer = trainer_class(
+        **extra,
         model=model,
         args=args,
         train_dataset=ExampleDataset(train_rows),
@@ -255,6 +287,106 @@ def train_causal_lm(
         best_eval_loss=float(min(evals)) if evals else None,
     )
     return trainer, result
+
+
+# ----------------------------------------------------------------------------- TCA4Rec objective
+
+OBJECTIVES = ("ce", "tca4rec")
+TCA4REC_SETTINGS = ("alpha", "variant", "label", "temperature")
+TCA4REC_FIELDS = ("tca_row", "tca_start", "tca_dist")
+TCA4REC_TASK = "seq"  # the only task whose response is the next item of a history
+
+
+def tca4rec_settings(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The `sft_train.tca4rec` block when `sft_train.objective` is tca4rec, None for plain CE."""
+    objective = cfg.get("objective") or "ce"
+    if objective not in OBJECTIVES:
+        raise ValueError(f"sft_train.objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "ce":
+        return None
+    settings = dict(cfg.get("tca4rec") or {})
+    unknown = set(settings) - set(TCA4REC_SETTINGS)
+    if unknown:
+        raise ValueError(f"sft_train.tca4rec: unknown keys {sorted(unknown)}; expected {list(TCA4REC_SETTINGS)}")
+    return settings
+
+
+def _tca4rec_trainer_class() -> type:
+    from transformers import Trainer
+
+    class TCA4RecTrainer(Trainer):
+        """Trains with `TCA4Rec.loss` on batches carrying ``tca_*`` fields; evaluation stays plain CE."""
+
+        def __init__(self, *args: Any, tca4rec: TCA4Rec, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.tca4rec = tca4rec
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            fields = {k: inputs.pop(k) for k in TCA4REC_FIELDS if k in inputs}
+            if not fields or not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            # Same normalisation as the model's own loss: over the accumulated batch's labelled tokens when
+            # the Trainer counts them for the model, else a per-batch mean the Trainer divides by GA steps.
+            n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = self.tca4rec.loss(outputs.logits, labels, fields["tca_row"], fields["tca_start"],
+                                     num_items_in_batch=n_items, dist=fields.get("tca_dist"))
+            return (loss, outputs) if return_outputs else loss
+
+    return TCA4RecTrainer
+
+
+def attach_tca4rec_targets(
+    rows: list[dict[str, Any]],
+    examples: pd.DataFrame,
+    item_scids: pd.DataFrame,
+    tca4rec: TCA4Rec,
+    cf_model: Any = None,
+    batch_size: int = 512,
+) -> int:
+    """Give each training row (from `encode_examples(..., with_index=True)` over `examples`) its TCA4Rec fields:
+    ``tca_row`` (target's item_scids row, -1 = plain CE), ``tca_start`` (index of its first response SCID
+    token) and, for SEQ rows, ``tca_dist`` [L, V], the label distribution p_u computed once from the frozen
+    CF model's scores of the history in the prompt (or the uniform ablation). Returns the count of SEQ rows."""
+    levels = int(tca4rec.codes.shape[1])
+    row_by_tokens = {str(t): k for k, t in enumerate(item_scids["tokens"])}
+    item_by_tokens = {str(t): str(i) for t, i in zip(item_scids["tokens"], item_scids["id"])}
+    tasks, prompts, responses = (examples[c].astype(str).tolist() for c in ("task", "prompt", "response"))
+    seq: list[dict[str, Any]] = []
+    for r in rows:
+        r.update(tca_row=-1, tca_start=-1)
+        if tasks[r["example"]] != TCA4REC_TASK:
+            continue
+        response = "".join(split_tokens(responses[r["example"]]))
+        if response not in row_by_tokens:
+            raise ValueError(f"sft_examples: SEQ response {responses[r['example']]!r} is not the SCID of any item in item_scids")
+        r.update(tca_row=row_by_tokens[response], tca_start=int(r["response_start"]))
+        seq.append(r)
+    needs_cf = tca4rec.label == "cf"
+    if needs_cf and cf_model is None:
+        raise ValueError("TCA4Rec with label='cf' needs the CF model (sasrec_model)")
+    for k in tqdm(range(0, len(seq), batch_size), desc="tca4rec: collaborative labels", disable=len(seq) <= batch_size):
+        chunk = seq[k : k + batch_size]
+        targets = torch.tensor([r["tca_row"] for r in chunk], dtype=torch.long)
+        cf_logits = None
+        if needs_cf:
+            histories = [history_from_prompt(prompts[r["example"]], item_by_tokens, levels) for r in chunk]
+            with torch.no_grad():
+                cf_logits = cf_model.score(histories)
+        dist = tca4rec.target_distribution(targets, cf_logits)
+        for r, d in zip(chunk, dist):
+            r["tca_dist"] = d.clone()
+    return len(seq)
+
+
+def cf_model_fingerprint(cf_model: Any) -> str:
+    """A content hash of a torch CF model's weights and item table (resume must not mix CF models)."""
+    digest = hashlib.sha256(",".join(getattr(cf_model, "item_ids", [])).encode())
+    for name, tensor in sorted(cf_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------- run orchestration
@@ -317,11 +449,14 @@ def fit_sft(
     seed: int,
     callbacks: list[Any] | None = None,
     compute_loss_func: Any = None,
+    cf_model: Any = None,
 ) -> tuple[RecLM, dict[str, Any]]:
     """Build (or reload, to resume) the backbone, train it on `examples`, return the RecLM and metrics.
 
     `callbacks` are extra Trainer callbacks; `compute_loss_func(outputs, labels, num_items_in_batch)`
-    replaces the causal-LM cross-entropy (the hook an alternative SFT objective plugs into)."""
+    replaces the causal-LM cross-entropy (the hook an alternative SFT objective plugs into).
+    ``cfg["objective"] == "tca4rec"`` trains the SEQ examples' response SCIDs with TCA4Rec soft labels
+    (`tca4rec.py`) from `cf_model` (the tokenization stage's SASRec); validation loss stays plain CE."""
     torch.manual_seed(seed)
     tcfg = cfg["trainer"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -333,6 +468,21 @@ def fit_sft(
     nproc = int(tcfg.get("nproc_per_node", 1))
     if nproc > 1 and compute_loss_func is not None:
         raise ValueError("sft_train: a custom compute_loss_func cannot cross into torchrun workers; use nproc_per_node=1")
+    tca_settings = tca4rec_settings(cfg)
+    if tca_settings is not None:
+        if nproc > 1:
+            raise ValueError(
+                "sft_train.objective=tca4rec is single-process only (its loss and per-example labels are not "
+                f"carried into torchrun workers); set sft_train.trainer.nproc_per_node=1 (got {nproc}) or objective=ce"
+            )
+        if compute_loss_func is not None:
+            raise ValueError("sft_train: objective=tca4rec and a custom compute_loss_func cannot be combined")
+        if tca_settings.get("label", "cf") == "cf" and cf_model is None:
+            raise ValueError(
+                "sft_train.objective=tca4rec with tca4rec.label=cf needs the collaborative model 'sasrec_model' "
+                "(data/06_models/sasrec), which the tokenization stage writes; run `kedro run --pipelines=tokenization` "
+                "first, or set sft_train.tca4rec.label=uniform"
+            )
     output_dir = Path(tcfg["output_dir"])
     train_df, valid_df = _split_rows(examples, tcfg, seed)
     vocab = scid_vocabulary(item_scids, user_scids)
@@ -344,6 +494,8 @@ def fit_sft(
     }
     fingerprint = {"inputs": inputs, "backbone": cfg["backbone"], "seed": int(seed), "nproc": nproc,
                    "trainer": {k: v for k, v in tcfg.items() if k not in RESUME_NEUTRAL}}
+    if tca_settings is not None:  # absent for CE, so existing CE work dirs keep their fingerprint
+        fingerprint["tca4rec"] = {**tca_settings, "cf_model": cf_model_fingerprint(cf_model) if cf_model is not None else None}
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
 
     resumable = _prepare_output_dir(output_dir, fingerprint)
@@ -358,8 +510,16 @@ def fit_sft(
     max_length = int(tcfg["max_length"])
     history_ids = frozenset(rec.token_ids(vocab["item"])) if tcfg.get("history_loss", False) else frozenset()
     train_rows, dropped_train = encode_examples(
-        rec.tokenizer, train_df["prompt"].tolist(), train_df["response"].tolist(), max_length, history_ids
+        rec.tokenizer, train_df["prompt"].tolist(), train_df["response"].tolist(), max_length, history_ids,
+        with_index=tca_settings is not None,
     )
+    tca, n_tca = None, 0
+    if tca_settings is not None:
+        cf_ids = cf_model.item_ids if tca_settings.get("label", "cf") == "cf" else None
+        tca = TCA4Rec.from_item_scids(item_scids, rec.tokenizer, cf_ids, **tca_settings)
+        n_tca = attach_tca4rec_targets(train_rows, train_df, item_scids, tca, cf_model)
+        if n_tca == 0:
+            raise ValueError("sft_train.objective=tca4rec: no SEQ training example (task 'seq') to apply it to")
     eval_rows, dropped_eval = encode_examples(rec.tokenizer, valid_df["prompt"].tolist(), valid_df["response"].tolist(), max_length)
     if dropped_train or dropped_eval:
         log.warning("sft_train: dropped %d train / %d valid examples longer than max_length=%d", dropped_train, dropped_eval, max_length)
@@ -372,7 +532,8 @@ def fit_sft(
             torch.set_num_threads(threads)
         try:
             trainer, result = train_causal_lm(
-                rec.model, rec.tokenizer, train_rows, eval_rows, tcfg, str(output_dir), seed, callbacks, compute_loss_func
+                rec.model, rec.tokenizer, train_rows, eval_rows, tcfg, str(output_dir), seed, callbacks, compute_loss_func,
+                tca4rec=tca,
             )
         finally:
             torch.set_num_threads(previous)
@@ -383,13 +544,20 @@ def fit_sft(
 
     metrics = training_metrics(result, rec, train_rows, eval_rows, dropped_train + dropped_eval, tcfg)
     metrics["info"]["task_counts"] = train_df["task"].value_counts().to_dict() if "task" in train_df else {}
+    objective = "ce" if tca_settings is None else "tca4rec"
+    metrics["info"]["objective"] = objective
+    if tca_settings is not None:
+        metrics["info"]["tca4rec"] = {**tca_settings, "n_train_examples": n_tca}
     rec.meta.update({
         "stage": "sft",
+        "objective": objective,  # evaluation labels a tca4rec checkpoint's row "sft+tca4rec"
         "trained_from": inputs,
         "training_args": {"backbone": cfg["backbone"], "trainer": tcfg, "seed": int(seed)},
         "metrics": metrics["scalars"],
         "max_length": max_length,
     })
+    if tca_settings is not None:
+        rec.meta["tca4rec"] = {**tca_settings, "cf_model": fingerprint["tca4rec"]["cf_model"]}
     if not tcfg.get("keep_checkpoints", False):
         shutil.rmtree(output_dir, ignore_errors=True)
     return rec, metrics

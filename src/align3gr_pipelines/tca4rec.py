@@ -362,28 +362,35 @@ class TCA4Rec:
         scid_start: torch.Tensor,
         cf_logits: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        dist: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The batch loss. ``target_rows`` [B]: code-table row of the example's target item, -1 for examples
         that keep plain CE; ``scid_start`` [B]: index in ``labels`` of the first SCID response token (the L
         SCID tokens follow contiguously); ``cf_logits`` [B, n_cf]: CF item logits of each example's history
-        (rows of plain-CE examples are ignored)."""
+        (rows of plain-CE examples are ignored). ``dist`` [B, L, V], when given, is ``target_distribution``
+        computed beforehand (once per example, as the SFT trainer does) and replaces ``cf_logits``."""
         device = logits.device
         if self.codes.device != device:
-            return self.to(device).loss(logits, labels, target_rows, scid_start, cf_logits, num_items_in_batch)
+            return self.to(device).loss(logits, labels, target_rows, scid_start, cf_logits, num_items_in_batch, dist)
         target_rows, scid_start = target_rows.to(device), scid_start.to(device)
         active = (target_rows >= 0).nonzero().squeeze(1)
         levels, size = self.codes.shape[1], self.level_token_ids.shape[1]
         positions = torch.full((logits.shape[0], levels), -1, dtype=torch.long, device=device)
         target_codes = torch.zeros((logits.shape[0], levels), dtype=torch.long, device=device)
-        dist = torch.zeros((logits.shape[0], levels, size), device=device)
+        labels_dist = torch.zeros((logits.shape[0], levels, size), device=device)
         if active.numel():
             if (scid_start[active] < 1).any():
                 raise ValueError("scid_start must be >= 1 for every example with a target row")
             positions[active] = scid_start[active].unsqueeze(1) + torch.arange(levels, device=device)
             target_codes[active] = self.codes[target_rows[active]]
-            cf = None if cf_logits is None else cf_logits.to(device)[active]
-            dist[active] = self.target_distribution(target_rows[active], cf)
+            if dist is not None:
+                if dist.shape != (logits.shape[0], levels, size):
+                    raise ValueError(f"dist must be [B={logits.shape[0]}, L={levels}, V={size}], got {tuple(dist.shape)}")
+                labels_dist[active] = dist.to(device)[active].float()
+            else:
+                cf = None if cf_logits is None else cf_logits.to(device)[active]
+                labels_dist[active] = self.target_distribution(target_rows[active], cf)
         return tca4rec_causal_lm_loss(
-            logits, labels, positions, target_codes, dist, self.level_token_ids, self.alpha, self.variant,
+            logits, labels, positions, target_codes, labels_dist, self.level_token_ids, self.alpha, self.variant,
             num_items_in_batch,
         )

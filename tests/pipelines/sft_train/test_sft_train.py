@@ -272,6 +272,7 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
         "seq_eval_prompts": MemoryDataset(),
         "sft_data_stats": MemoryDataset(),
         "sft_model": CheckpointDataset(path=str(tmp_path / "06_models/sft_model"), load_class=LOAD_CLASS, optional=True),
+        "sasrec_model": CheckpointDataset(path=str(tmp_path / "06_models/sasrec"), load_class="align3gr_pipelines.sasrec.SASRec", optional=True),
         "sft_train_metrics": JSONDataset(filepath=str(tmp_path / "metrics.json")),
         "sft_training_curve": MatplotlibDataset(filepath=str(tmp_path / "curve.png")),
     })

@@ -17,23 +17,27 @@ def train_sft_model(
     sft_examples: pd.DataFrame,
     item_scids: pd.DataFrame,
     user_scids: pd.DataFrame,
+    sasrec_model: Any,
     params: dict[str, Any],
     seed: int,
 ) -> tuple[RecLM, dict[str, Any]]:
-    """Multi-task SFT of the backbone on the SFT examples; returns the RecLM and its metrics JSON."""
-    return fit_sft(sft_examples, item_scids, user_scids, params, seed)
+    """Multi-task SFT of the backbone on the SFT examples; returns the RecLM and its metrics JSON.
+    `sasrec_model` (None when tokenization never wrote it) is only used by ``objective: tca4rec``."""
+    return fit_sft(sft_examples, item_scids, user_scids, params, seed, cf_model=sasrec_model)
 
 
 def plot_training_curve(metrics: dict[str, Any]) -> plt.Figure:
     curves = metrics["curves"]
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
     train_label = "train (response + history SCIDs)" if metrics["info"].get("history_loss") else "train (response)"
+    if metrics["info"].get("objective") == "tca4rec":  # the train curve is then the soft-label loss, valid stays CE
+        train_label += f", TCA4Rec α={metrics['info']['tca4rec'].get('alpha', 0.3)}"
     for name, style, label in (("train_loss", "-", train_label), ("eval_loss", "o-", "valid SEQ (response)")):
         if curves.get(name):
             steps, values = zip(*curves[name])
             ax_loss.plot(steps, values, style, label=label)
     ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("cross-entropy per labelled token")
+    ax_loss.set_ylabel("loss per labelled token")
     ax_loss.set_title("SFT loss")
     ax_loss.legend()
     if curves.get("learning_rate"):

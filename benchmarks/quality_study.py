@@ -1,0 +1,496 @@
+"""The paper's tables on a real dataset (default: ml-latest-small), every row a parameter override of the
+same Kedro pipeline, >= 3 seeds, mean +- 95% CI, one Markdown + PNG results file.
+
+    python benchmarks/quality_study.py                        # every run (benchmarks/study_rows.py), seeds 42-44
+    python benchmarks/quality_study.py --rows full,tiger --seeds 42
+    python benchmarks/quality_study.py --quick                # tiny sizes, 1 seed, 3 runs: checks the machinery
+    python benchmarks/quality_study.py --report-only          # re-aggregate what has finished
+    python benchmarks/quality_study.py --dry-run              # print the stage commands and cache decisions
+
+How it runs. Each (run, seed) is a job in its own throwaway Kedro workspace (a copy of conf/, the
+project's pyproject.toml and an empty src/; the installed package is the code), so jobs never touch the
+repository's data/ nor each other. A job runs its stages one `kedro run --pipeline=<stage>` at a time.
+After a stage succeeds, the files it wrote (new or changed under the workspace's data/) are stored in
+a stage cache keyed by: the upstream stage's key, the stage's fully resolved parameters (conf/base + env +
+the run's overrides), the seed and a hash of the package source. A later job whose stage has the same key
+restores those files instead of running it, so e.g. every DPO variant reuses the full run's SFT checkpoint
+of the same seed, and every Table 4 row reuses its tokenization. Finished jobs leave their evaluation
+table under <out>/results/<run>/seed<seed>/ and are skipped on the next invocation: the study is
+resumable at stage granularity (kill it any time, rerun the same command). A finished job is kept
+even if the code changes later (delete <out>/results/<run>/seed<seed> to redo it); a cached stage is
+not reused across code changes unless --reuse-across-code.
+
+Why not `--params` on globals: runtime parameters do not override conf/<env>/globals.yml (checked with
+Kedro 1.7.0: `--params data_root=...` or `globals.data_root=...` leave catalog paths unchanged; only a
+`${runtime_params:...}` resolver inside globals.yml would read them); a workspace per job makes the data
+root question moot and keeps the conf files as they are.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from study_rows import (  # noqa: E402
+    DEFAULT_SEEDS, LINES, QUICK_OVERRIDES, QUICK_RUNS, RUNS, STAGES, Run, validate,
+)
+
+METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+# The paper's Table 1 on Amazon Instruments (Llama-2-7B), for the plain comparison in the report.
+PAPER = {"Align3GR": {"recall@10": 0.1442, "ndcg@10": 0.1113}, "SASRec": {"recall@10": 0.0947, "ndcg@10": 0.0690},
+         "TIGER": {"recall@10": 0.1058, "ndcg@10": 0.0797}, "LC-Rec": {"recall@10": 0.1006, "ndcg@10": 0.0772}}
+
+
+# --- parameters ---------------------------------------------------------------------------------------------
+def load_parameters(env: str, conf_source: Path = REPO / "conf") -> dict[str, Any]:
+    """conf/base + conf/<env> parameters resolved exactly as `kedro run --env <env>` does (the project's
+    own config-loader settings)."""
+    from kedro.config import OmegaConfigLoader
+
+    from align3gr_pipelines.settings import CONFIG_LOADER_ARGS
+
+    args = {k: v for k, v in CONFIG_LOADER_ARGS.items() if k != "default_run_env"}
+    loader = OmegaConfigLoader(conf_source=str(conf_source), env=env, **args)
+    return dict(loader["parameters"])
+
+
+def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `params` with dotted-key overrides applied; a key that names no existing parameter is an
+    error (Kedro would silently add it, and a typo would quietly turn an ablation into the baseline)."""
+    out = deepcopy(params)
+    for key, value in overrides.items():
+        node: Any = out
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, dict) or part not in node:
+                where = ".".join(parts[:i]) or "<top level>"
+                raise KeyError(f"override {key!r}: no parameter {part!r} under {where} (env parameters)")
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node[part]
+    return out
+
+
+def _cli_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    text = str(value)
+    if "," in text or "=" in text:
+        raise ValueError(f"--params value {text!r} cannot hold ',' or '='")
+    return text
+
+
+def params_arg(overrides: dict[str, Any]) -> str:
+    return ",".join(f"{k}={_cli_value(v)}" for k, v in overrides.items())
+
+
+def source_hash() -> str:
+    """Hash of the package source: a code change invalidates every cached stage (unless --reuse-across-code)."""
+    import align3gr_pipelines
+
+    root = Path(align3gr_pipelines.__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# --- one job: (run, seed) -------------------------------------------------------------------------------------
+class Study:
+    def __init__(self, args: argparse.Namespace):
+        self.env = args.env
+        self.out = Path(args.out).resolve()
+        self.quick = args.quick
+        self.dry_run = args.dry_run
+        self.stage_timeout = args.stage_timeout
+        self.keep_workspaces = args.keep_workspaces
+        shared = Path(args.shared_data).resolve()
+        self.base_overrides: dict[str, Any] = {}
+        if self.env == "ml_latest_small":
+            path = shared / "ml-latest-small"
+            if not (path / "ratings.csv").exists():
+                raise FileNotFoundError(f"ml-latest-small not found at {path} (ratings.csv); pass --shared-data")
+            # The env's relative path only works from the repository root; jobs run in their own workspace.
+            self.base_overrides["data_prep.movielens.path"] = str(path)
+        if self.quick:
+            self.base_overrides.update(QUICK_OVERRIDES)
+        self.params = load_parameters(self.env)
+        self.code = "any" if args.reuse_across_code else source_hash()
+        self.kedro = str(Path(sys.executable).with_name("kedro"))
+
+    def overrides(self, run: Run, seed: int) -> dict[str, Any]:
+        return {"seed": seed, **self.base_overrides, **run.overrides}
+
+    def stage_keys(self, run: Run, seed: int) -> dict[str, str]:
+        resolved = apply_overrides(self.params, self.overrides(run, seed))
+        keys, upstream = {}, "root"
+        for stage in run.stages:
+            upstream = keys[stage] = _digest(
+                {"up": upstream, "stage": stage, "params": resolved.get(stage), "seed": seed, "env": self.env, "code": self.code}
+            )
+        return keys
+
+    def result_dir(self, run: Run, seed: int) -> Path:
+        return self.out / "results" / run.name / f"seed{seed}"
+
+    def _workspace(self, run: Run, seed: int) -> Path:
+        ws = self.out / "work" / f"{run.name}__seed{seed}"
+        if ws.exists():
+            shutil.rmtree(ws)
+        ws.mkdir(parents=True)
+        shutil.copytree(REPO / "conf", ws / "conf", ignore=shutil.ignore_patterns("local"))
+        (ws / "conf" / "local").mkdir(exist_ok=True)
+        shutil.copy(REPO / "pyproject.toml", ws / "pyproject.toml")
+        if (REPO / ".telemetry").exists():
+            shutil.copy(REPO / ".telemetry", ws / ".telemetry")
+        (ws / "src").mkdir()  # Kedro wants the source dir to exist; the code is the installed package
+        (ws / "data").mkdir()
+        (ws / "logs").mkdir()
+        return ws
+
+    @staticmethod
+    def _snapshot(data: Path) -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(data)): (p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*") if p.is_file()}
+
+    def _run_stage(self, ws: Path, run: Run, seed: int, stage: str) -> dict[str, Any]:
+        cmd = [self.kedro, "run", "--env", self.env, "--pipeline", stage, "--params", params_arg(self.overrides(run, seed))]
+        env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false", MLFLOW_TRACKING_URI=f"sqlite:///{self.out / 'mlflow.db'}")
+        log_path = ws / "logs" / f"{stage}.log"
+        started = time.perf_counter()
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0) if self.stage_timeout is None else _wait4_timeout(proc, self.stage_timeout)
+            except BaseException:  # Ctrl-C, or SIGTERM (e.g. `timeout`): never leave a kedro run orphaned
+                proc.terminate()
+                proc.wait()
+                raise
+        wall = time.perf_counter() - started
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{run.name} seed {seed}: stage {stage} failed (exit {code}); log {log_path}:\n{tail}")
+        return {"wall_s": round(wall, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1), "command": " ".join(cmd)}
+
+    def run_job(self, run: Run, seed: int) -> None:
+        done = self.result_dir(run, seed) / "metrics.parquet"
+        if done.exists():
+            print(f"[skip] {run.name} seed {seed}: finished ({done})")
+            return
+        keys = self.stage_keys(run, seed)
+        if self.dry_run:
+            for stage, key in keys.items():
+                cached = (self.out / "cache" / stage / key / "manifest.json").exists()
+                print(f"[dry] {run.name} seed {seed} {stage:18s} {'cached' if cached else 'RUN   '} {key}")
+            print("      kedro run --env", self.env, "--pipeline <stage> --params", params_arg(self.overrides(run, seed)))
+            return
+        ws = self._workspace(run, seed)
+        data = ws / "data"
+        timings: dict[str, Any] = {}
+        for stage in run.stages:
+            cache = self.out / "cache" / stage / keys[stage]
+            manifest_path = cache / "manifest.json"
+            if manifest_path.exists():
+                manifest = json.loads(manifest_path.read_text())
+                for rel in manifest["files"]:
+                    dst = data / rel
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(cache / "files" / rel, dst)
+                timings[stage] = {**manifest["timing"], "cached": True}
+                print(f"[cache] {run.name} seed {seed} {stage} <- {keys[stage]}", flush=True)
+                continue
+            print(f"[run]   {run.name} seed {seed} {stage} ...", flush=True)
+            before = self._snapshot(data)
+            timing = self._run_stage(ws, run, seed, stage)
+            after = self._snapshot(data)
+            written = sorted(rel for rel, sig in after.items() if before.get(rel) != sig)
+            tmp = cache.with_name(cache.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            for rel in written:
+                (tmp / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(data / rel, tmp / "files" / rel)
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / "manifest.json").write_text(json.dumps(
+                {"stage": stage, "key": keys[stage], "run": run.name, "seed": seed, "files": written, "timing": timing,
+                 "overrides": {k: v for k, v in self.overrides(run, seed).items()}}, indent=1, default=str))
+            if cache.exists():
+                shutil.rmtree(cache)
+            tmp.rename(cache)  # the cache entry appears whole or not at all
+            timings[stage] = {**timing, "cached": False}
+            print(f"[done]  {run.name} seed {seed} {stage}: {timing['wall_s']} s, peak {timing['max_rss_mb']} MB", flush=True)
+        self._collect(ws, run, seed, timings)
+        if not self.keep_workspaces:
+            shutil.rmtree(ws)
+
+    def _collect(self, ws: Path, run: Run, seed: int, timings: dict[str, Any]) -> None:
+        found = sorted((ws / "data").rglob("08_reporting/evaluation/metrics.parquet"))
+        if len(found) != 1:
+            raise RuntimeError(f"{run.name} seed {seed}: expected one evaluation metrics.parquet under {ws / 'data'}, found {found}")
+        dst = self.result_dir(run, seed)
+        tmp = dst.with_name(dst.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for src in found[0].parent.iterdir():
+            shutil.copy2(src, tmp / src.name)
+        (tmp / "timings.json").write_text(json.dumps(timings, indent=1))
+        (tmp / "overrides.json").write_text(json.dumps(self.overrides(run, seed), indent=1, default=str))
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)  # metrics.parquet inside marks the job finished
+
+
+def _wait4_timeout(proc: subprocess.Popen, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return pid, status, usage
+        if time.monotonic() > deadline:
+            proc.kill()
+            return os.wait4(proc.pid, 0)
+        time.sleep(1.0)
+
+
+# --- aggregation -------------------------------------------------------------------------------------------------
+def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t confidence interval across seeds (nan for one seed)."""
+    import numpy as np
+    from scipy import stats
+
+    arr = np.asarray(values, dtype=float)
+    if len(arr) < 2:
+        return float(arr.mean()), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, len(arr) - 1) * arr.std(ddof=1) / np.sqrt(len(arr))
+    return float(arr.mean()), float(half)
+
+
+def gather(out: Path, split: str = "test"):
+    """One row per (line, seed, metric) from every finished job."""
+    import pandas as pd
+
+    rows = []
+    for line in LINES:
+        base = out / "results" / line.run
+        for path in sorted(base.glob("seed*/metrics.parquet")):
+            table = pd.read_parquet(path)
+            sel = table[(table["model"] == line.model) & (table["split"] == split)]
+            for r in sel.itertuples():
+                rows.append({"table": line.table, "label": line.label, "run": line.run, "model": line.model,
+                             "seed": int(path.parent.name[4:]), "metric": r.metric, "value": float(r.value),
+                             "n_users": int(r.n_users)})
+    return pd.DataFrame(rows, columns=["table", "label", "run", "model", "seed", "metric", "value", "n_users"])
+
+
+def summarize(long) -> dict[tuple[str, str], dict[str, Any]]:
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for (table, label), g in long.groupby(["table", "label"], sort=False):
+        entry: dict[str, Any] = {"seeds": sorted(g["seed"].unique().tolist()), "n_users": int(g["n_users"].max())}
+        for metric, gm in g.groupby("metric"):
+            entry[metric] = mean_ci(gm.sort_values("seed")["value"].tolist())
+        out[(table, label)] = entry
+    return out
+
+
+def _fmt(entry: dict[str, Any] | None, metric: str) -> str:
+    if not entry or metric not in entry:
+        return "not run"
+    mean, half = entry[metric]
+    return f"{mean:.4f}" if half != half else f"{mean:.4f} ± {half:.4f}"
+
+
+def _timings_table(out: Path) -> list[str]:
+    lines = ["| run | seed | " + " | ".join(STAGES) + " |", "|---|---|" + "---|" * len(STAGES)]
+    for path in sorted((out / "results").glob("*/seed*/timings.json")):
+        t = json.loads(path.read_text())
+        cells = []
+        for s in STAGES:
+            if s not in t:
+                cells.append("–")
+            else:
+                cells.append(f"{t[s]['wall_s']:.0f} s{' (cached)' if t[s].get('cached') else ''}, {t[s]['max_rss_mb']:.0f} MB")
+        lines.append(f"| {path.parent.parent.name} | {path.parent.name[4:]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _compare(a: tuple[float, float], b: tuple[float, float]) -> str:
+    """'higher' / 'lower' / 'equal' of b against a, marked when the seeds' 95% CIs overlap."""
+    if b[0] == a[0]:
+        return "equal"
+    word = "higher" if b[0] > a[0] else "lower"
+    if a[1] == a[1] and b[1] == b[1] and abs(b[0] - a[0]) <= a[1] + b[1]:
+        word += " (95% CIs overlap)"
+    elif a[1] != a[1] or b[1] != b[1]:
+        word += " (one seed: no CI)"
+    return word
+
+
+def findings(summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    """Plain statements of where we agree or disagree with the paper, with the numbers."""
+    def get(table: str, label: str, metric: str) -> tuple[float, float] | None:
+        e = summary.get((table, label))
+        return e[metric] if e and metric in e else None
+
+    t1, lv = "Table 1: overall", "Alignment levels"
+    out = []
+    for metric in ("recall@10", "ndcg@10"):
+        full, sas = get(t1, "Align3GR (full)", metric), get(t1, "SASRec", metric)
+        if full is None or sas is None:
+            out.append(f"- {metric}: Align3GR vs SASRec not measured yet.")
+            continue
+        verdict = "beats" if full[0] > sas[0] else "does NOT beat"
+        out.append(f"- {metric}: full Align3GR {full[0]:.4f} {verdict} SASRec {sas[0]:.4f}, {_compare(sas, full)} "
+                   f"(paper, Instruments: {PAPER['Align3GR'][metric]} vs {PAPER['SASRec'][metric]}).")
+    steps = [label for (table, label) in summary if table == lv]
+    for metric in ("recall@10", "ndcg@10"):
+        for prev, nxt in zip(steps, steps[1:]):
+            a, b = get(lv, prev, metric), get(lv, nxt, metric)
+            if a is None or b is None:
+                continue
+            verdict = "adds" if b[0] > a[0] else "does NOT add"
+            out.append(f"- {metric}: '{nxt}' {verdict}: {a[0]:.4f} → {b[0]:.4f}, {_compare(a, b)} "
+                       "(the paper reports a gain at every level).")
+    for table, full_label in (("Table 3: tokenization (after SFT)", "Dual SCIDs (full)"), ("Table 4: SFT tasks", "+ B2 + user SCID (full SFT)"),
+                              ("Table 5: DPO", "+ RF-DPO progressive (full)")):
+        ref = get(table, full_label, "recall@10")
+        others = [(label, get(table, label, "recall@10")) for (t, label) in summary if t == table and label != full_label]
+        others = [(label, v) for label, v in others if v is not None]
+        if ref is None or not others:
+            out.append(f"- {table}: fewer than two rows measured, no comparison.")
+            continue
+        better = [(label, v) for label, v in others if v[0] >= ref[0]]
+        if better:
+            out.append(f"- {table}: the paper's full setting is best; ours is not on recall@10: " + ", ".join(
+                f"'{label}' {v[0]:.4f} >= full {ref[0]:.4f}, {_compare(ref, v)}" for label, v in better) + ".")
+        else:
+            out.append(f"- {table}: the full setting ({ref[0]:.4f} recall@10) is best of the {len(others) + 1} rows "
+                       "measured, as in the paper.")
+    return out
+
+
+def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long = gather(out)
+    summary = summarize(long) if len(long) else {}
+    tables = list(dict.fromkeys(line.table for line in LINES))
+    md = [f"# {title}", "", f"Produced by `{command}`.",
+          "Test split, leave-one-out, every metric the mean over seeds ± the half-width of a 95% Student-t "
+          "confidence interval across seeds (a single seed shows the value alone). Rows: benchmarks/study_rows.py.", ""]
+    md += ["## What disagrees with the paper, and what agrees", ""] + (findings(summary) if summary else ["- nothing measured yet"]) + [""]
+    for table in tables:
+        md += [f"## {table}", "", "| row | run/model | seeds | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
+        for line in (ln for ln in LINES if ln.table == table):
+            e = summary.get((table, line.label))
+            seeds = ",".join(map(str, e["seeds"])) if e else "–"
+            md.append(f"| {line.label} | {line.run}/{line.model} | {seeds} | " + " | ".join(_fmt(e, m) for m in METRICS) + " |")
+        md.append("")
+    md += ["## Wall time and peak memory per stage", "", *_timings_table(out), ""]
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text("\n".join(md) + "\n")
+
+    fig, axes = plt.subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
+    for ax, table in zip(axes[:, 0], tables):
+        labels = [ln.label for ln in LINES if ln.table == table]
+        for j, metric in enumerate(("recall@10", "ndcg@10")):
+            means = [summary.get((table, lb), {}).get(metric, (0.0, 0.0))[0] for lb in labels]
+            errs = [summary.get((table, lb), {}).get(metric, (0.0, 0.0))[1] for lb in labels]
+            errs = [0.0 if e != e else e for e in errs]
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(labels))]
+            ax.bar(xs, means, width=0.38, yerr=errs, capsize=3, label=metric)
+        sas = summary.get(("Table 1: overall", "SASRec"), {})
+        for metric, color in (("recall@10", "C0"), ("ndcg@10", "C1")):
+            if metric in sas:  # the baseline the paper's Align3GR beats, for reading every panel against it
+                ax.axhline(sas[metric][0], color=color, linestyle="--", linewidth=1, label=f"SASRec {metric}")
+        for i, lb in enumerate(labels):
+            if (table, lb) not in summary:
+                ax.text(i, 0, "not run", ha="center", va="bottom", fontsize=7, color="grey")
+        ax.set_xticks(range(len(labels)), [lb[:34] for lb in labels], rotation=15, ha="right", fontsize=8)
+        ax.set_title(table, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {md_path} and {png_path}")
+
+
+# --- CLI -----------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="ml_latest_small")
+    parser.add_argument("--rows", default=None, help=f"comma-separated run names (default: all). Known: {', '.join(RUNS)}")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default 42,43,44; --quick: 42)")
+    parser.add_argument("--quick", action="store_true", help=f"tiny sizes, 1 seed, runs {', '.join(QUICK_RUNS)}")
+    parser.add_argument("--out", default=None, help="study folder (default data/<env>/quality_study[_quick])")
+    parser.add_argument("--shared-data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--stage-timeout", type=float, default=None, help="seconds per stage before it is killed")
+    parser.add_argument("--reuse-across-code", action="store_true", help="cache keys ignore source changes")
+    parser.add_argument("--keep-workspaces", action="store_true")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--report", default=None, help="Markdown results path (default <out>/results.md; PNG beside it)")
+    args = parser.parse_args(argv)
+
+    validate()
+    # `timeout` / a scheduler sends SIGTERM: turn it into an exception so the running stage is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt("SIGTERM")))
+    suffix = "_quick" if args.quick else ""
+    args.out = args.out or str(REPO / "data" / args.env / f"quality_study{suffix}")
+    names = [r.strip() for r in args.rows.split(",")] if args.rows else list(QUICK_RUNS if args.quick else RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        parser.error(f"unknown run(s) {unknown}; known: {list(RUNS)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else ([DEFAULT_SEEDS[0]] if args.quick else list(DEFAULT_SEEDS))
+    out = Path(args.out).resolve()
+    md_path = Path(args.report).resolve() if args.report else out / "results.md"
+    png_path = md_path.with_suffix(".png")
+    command = "python benchmarks/quality_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    if not args.report_only:
+        study = Study(args)
+        failures = []
+        # Seed-major order: all runs of a seed share its cached prefix stages before the next seed starts.
+        for seed in seeds:
+            for name in names:
+                try:
+                    study.run_job(RUNS[name], seed)
+                except RuntimeError as exc:  # one broken row must not lose the rest of a long study
+                    print(f"[fail] {exc}", file=sys.stderr)
+                    failures.append((name, seed))
+        if failures:
+            print(f"{len(failures)} job(s) failed: {failures}", file=sys.stderr)
+        if args.dry_run:
+            return 0
+    title = f"Align3GR quality study on {args.env}" + (" (--quick: tiny sizes, NOT a quality result)" if args.quick else "")
+    write_report(out, md_path, png_path, title, command.strip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

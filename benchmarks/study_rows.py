@@ -1,0 +1,175 @@
+"""The quality study's rows: each run is a name, parameter overrides of the same pipeline and the stages it
+needs; each reported line of a table picks one model of one run's evaluation table.
+
+Kept apart from quality_study.py (which runs them) so the e2e test can check, without training anything,
+that every override names a parameter that exists in conf/base.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+STAGES = ("data_prep", "tokenization", "sft_data", "sft_train", "sp_dpo_curriculum", "rf_dpo", "evaluation")
+# Runs that stop after SFT: their evaluation table holds the baselines and the `sft` model only.
+SFT_STAGES = ("data_prep", "tokenization", "sft_data", "sft_train", "evaluation")
+SP_STAGES = ("data_prep", "tokenization", "sft_data", "sft_train", "sp_dpo_curriculum", "evaluation")
+
+ALL_TASKS = (
+    "seq", "item_text2scid", "item_scid2text", "seq2text", "titles2scid",
+    "intent_search", "preference", "user_text2scid", "user_scid2text",
+)
+# The paper's SFT task groups (Table 4): C1 item<->index, C2 seq2text, C3 titles2scid, B1 intention and
+# preference, B2 user text<->SCID.
+C1 = ("item_text2scid", "item_scid2text")
+C2 = ("seq2text",)
+C3 = ("titles2scid",)
+B1 = ("intent_search", "preference")
+
+
+def tasks_only(*enabled: str) -> dict[str, Any]:
+    """Overrides that switch on exactly `enabled` among the SFT tasks."""
+    unknown = set(enabled) - set(ALL_TASKS)
+    if unknown:
+        raise ValueError(f"unknown SFT task(s) {sorted(unknown)}; known: {ALL_TASKS}")
+    return {f"sft_data.tasks.{t}.enabled": t in enabled for t in ALL_TASKS}
+
+
+ITEM_ONLY = {"tokenization.ablation.user_scids": False, "sft_data.inject_user_scid": False}
+
+
+@dataclass(frozen=True)
+class Run:
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[str, ...] = STAGES
+    about: str = ""
+
+    def overrides_for(self, stage: str) -> dict[str, Any]:
+        return {k: v for k, v in self.overrides.items() if k.split(".", 1)[0] == stage}
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a results table: `model` (a row label of evaluation_metrics) from run `run`."""
+
+    table: str
+    label: str
+    run: str
+    model: str
+
+
+RUNS: dict[str, Run] = {
+    r.name: r
+    for r in [
+        Run("full", {}, STAGES, "Align3GR: dual SCIDs, every SFT task + user SCID injection, SP-DPO curriculum, RF-DPO"),
+        # Table 1 comparators, built from our own components.
+        Run("tiger", {**ITEM_ONLY, **tasks_only("seq")}, SFT_STAGES, "TIGER-like: item-only SCIDs, SEQ only, no DPO"),
+        Run("lcrec", {**ITEM_ONLY, **tasks_only("seq", *C1, *C2, *C3, *B1)}, SFT_STAGES,
+            "LC-Rec-like: item-only SCIDs, LC-Rec's tasks (SEQ, C1-C3, B1), no user SCID, no DPO"),
+        # Table 3: tokenization ablations, compared after SFT (the full run's `sft` model is the reference).
+        Run("tok_item_only", dict(ITEM_ONLY), SFT_STAGES, "item-only SCIDs (no user RQ-VAE, no user SCID in prompts)"),
+        Run("tok_no_cf", {"tokenization.ablation.cf_features": False}, SFT_STAGES, "semantic features only (no CF)"),
+        Run("tok_no_u2i", {"tokenization.ablation.u2i_alignment": False}, SFT_STAGES, "no U2I alignment phase"),
+        # Table 4: SFT task groups added one after the other (dual SCIDs throughout).
+        Run("sft_seq", {"sft_data.inject_user_scid": False, **tasks_only("seq")}, SFT_STAGES, "SEQ"),
+        Run("sft_c1", {"sft_data.inject_user_scid": False, **tasks_only("seq", *C1)}, SFT_STAGES, "SEQ + C1"),
+        Run("sft_c123", {"sft_data.inject_user_scid": False, **tasks_only("seq", *C1, *C2, *C3)}, SFT_STAGES,
+            "SEQ + C1-C3"),
+        Run("sft_c123_b1", {"sft_data.inject_user_scid": False, **tasks_only("seq", *C1, *C2, *C3, *B1)},
+            SFT_STAGES, "SEQ + C1-C3 + B1"),
+        # Table 5: DPO variants (same SFT checkpoint as `full`, reused from the cache).
+        Run("dpo_random", {"sp_dpo_curriculum.mode": "random"}, SP_STAGES, "Softmax-DPO, random negatives"),
+        Run("dpo_no_curriculum", {"sp_dpo_curriculum.mode": "no_curriculum"}, SP_STAGES,
+            "self-play negatives, all buckets in one stage"),
+        Run("rf_mixed", {"rf_dpo.mode": "mixed"}, STAGES, "RF-DPO with disliked and neutral in one stage"),
+    ]
+}
+
+LINES: list[Line] = [
+    Line("Table 1: overall", "Most popular", "full", "most_popular"),
+    Line("Table 1: overall", "Item-kNN", "full", "item_knn"),
+    Line("Table 1: overall", "SASRec", "full", "sasrec"),
+    Line("Table 1: overall", "TIGER-like", "tiger", "sft"),
+    Line("Table 1: overall", "LC-Rec-like", "lcrec", "sft"),
+    Line("Table 1: overall", "Align3GR (full)", "full", "rf_dpo_hard"),
+    Line("Alignment levels", "LC-Rec-like (item SCIDs, no user alignment)", "lcrec", "sft"),
+    Line("Alignment levels", "+ token & behaviour level (dual SCIDs, B2, user SCID) = SFT", "full", "sft"),
+    Line("Alignment levels", "+ SP-DPO curriculum", "full", "sp_dpo_hard"),
+    Line("Alignment levels", "+ RF-DPO (full Align3GR)", "full", "rf_dpo_hard"),
+    Line("Table 3: tokenization (after SFT)", "Dual SCIDs (full)", "full", "sft"),
+    Line("Table 3: tokenization (after SFT)", "Item-only SCIDs", "tok_item_only", "sft"),
+    Line("Table 3: tokenization (after SFT)", "w/o CF features", "tok_no_cf", "sft"),
+    Line("Table 3: tokenization (after SFT)", "w/o U2I alignment", "tok_no_u2i", "sft"),
+    Line("Table 4: SFT tasks", "SEQ", "sft_seq", "sft"),
+    Line("Table 4: SFT tasks", "+ C1 (item<->index)", "sft_c1", "sft"),
+    Line("Table 4: SFT tasks", "+ C2, C3", "sft_c123", "sft"),
+    Line("Table 4: SFT tasks", "+ B1 (intention, preference)", "sft_c123_b1", "sft"),
+    Line("Table 4: SFT tasks", "+ B2 + user SCID (full SFT)", "full", "sft"),
+    Line("Table 5: DPO", "SFT only", "full", "sft"),
+    Line("Table 5: DPO", "Softmax-DPO, random negatives", "dpo_random", "sp_dpo_hard"),
+    Line("Table 5: DPO", "SP-DPO w/o curriculum", "dpo_no_curriculum", "sp_dpo_hard"),
+    Line("Table 5: DPO", "SP-DPO curriculum", "full", "sp_dpo_hard"),
+    Line("Table 5: DPO", "+ RF-DPO mixed", "rf_mixed", "rf_dpo_hard"),
+    Line("Table 5: DPO", "+ RF-DPO progressive (full)", "full", "rf_dpo_hard"),
+]
+
+# --quick: tiny sizes so the whole machinery (caching, resuming, aggregation, plots) runs end to end on a
+# busy 2-core CPU in minutes. Real ml-latest-small data, k-core'd down to a few hundred items; the numbers
+# it gives say nothing about quality.
+QUICK_OVERRIDES: dict[str, Any] = {
+    "data_prep.k_core": 50,   # 207 users, 302 items, 23k ratings
+    "tokenization.collaborative_encoder.epochs": 2,
+    "tokenization.phase1.epochs": 1,
+    "tokenization.phase2.epochs": 2,
+    "tokenization.rq_vae.kmeans_iters": 5,
+    "sft_data.max_train_examples": 300,
+    "sft_data.targets_per_user": 1,
+    "sft_train.backbone.scratch.vocab_size": 500,
+    "sft_train.backbone.scratch.hidden_size": 64,
+    "sft_train.backbone.scratch.intermediate_size": 128,
+    "sft_train.backbone.scratch.num_hidden_layers": 2,
+    "sft_train.backbone.scratch.num_attention_heads": 2,
+    "sft_train.backbone.scratch.num_key_value_heads": 2,
+    "sft_train.trainer.num_train_epochs": 1,
+    "sft_train.trainer.max_steps": 6,
+    "sft_train.trainer.eval_steps": 3,
+    "sft_train.trainer.max_eval_examples": 32,
+    "sft_train.trainer.progress_bar": False,
+    "sp_dpo_curriculum.prompts_per_stage": 8,
+    "sp_dpo_curriculum.n_negatives": 4,
+    "sp_dpo_curriculum.decoding.beam_width": 6,
+    "sp_dpo_curriculum.decoding.top_k": 6,
+    "rf_dpo.prompts.max_users": 12,
+    "rf_dpo.n_rejected": 4,
+    "rf_dpo.recommend.top_k": 6,
+    "rf_dpo.recommend.beam_width": 6,
+    "evaluation.beam_width": 10,
+    "evaluation.top_k": 10,
+    "evaluation.max_users.test": 60,
+    "evaluation.max_users.valid": 20,
+    "evaluation.bootstrap.n_resamples": 50,
+    "evaluation.paired_test.n_permutations": 200,
+}
+QUICK_RUNS = ("full", "tiger", "dpo_random")
+DEFAULT_SEEDS = (42, 43, 44)
+
+
+def all_overrides() -> dict[str, Any]:
+    """Every override key used by any run or by --quick (for validation)."""
+    keys: dict[str, Any] = dict(QUICK_OVERRIDES)
+    for run in RUNS.values():
+        keys.update(run.overrides)
+    return keys
+
+
+def validate() -> None:
+    """Internal consistency: lines name known runs, stages are in DAG order, overrides target a run stage."""
+    for line in LINES:
+        if line.run not in RUNS:
+            raise ValueError(f"line {line.label!r} names unknown run {line.run!r}")
+    for run in RUNS.values():
+        if list(run.stages) != [s for s in STAGES if s in run.stages] or run.stages[-1] != "evaluation":
+            raise ValueError(f"run {run.name!r}: stages {run.stages} must be in DAG order and end in evaluation")
+        for key in run.overrides:
+            if key.split(".", 1)[0] not in run.stages:
+                raise ValueError(f"run {run.name!r} overrides {key!r} of a stage it does not run")

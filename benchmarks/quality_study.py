@@ -2,6 +2,7 @@
 same Kedro pipeline, >= 3 seeds, mean +- 95% CI, one Markdown + PNG results file.
 
     python benchmarks/quality_study.py                        # every run (benchmarks/study_rows.py), seeds 42-44
+    python benchmarks/quality_study.py --jobs 3                # the three seeds at once, one thread each
     python benchmarks/quality_study.py --rows full,tiger --seeds 42
     python benchmarks/quality_study.py --quick                # tiny sizes, 1 seed, 3 runs: checks the machinery
     python benchmarks/quality_study.py --report-only          # re-aggregate what has finished
@@ -18,7 +19,9 @@ of the same seed, and every Table 4 row reuses its tokenization. Finished jobs l
 table under <out>/results/<run>/seed<seed>/ and are skipped on the next invocation: the study is
 resumable at stage granularity (kill it any time, rerun the same command). A finished job is kept
 even if the code changes later (delete <out>/results/<run>/seed<seed> to redo it); a cached stage is
-not reused across code changes unless --reuse-across-code.
+not reused across code changes unless --reuse-across-code. conf/ is copied once when the study starts;
+the package source is hashed then too, but the package is installed in editable mode, so do not edit
+src/ while a study runs.
 
 Why not `--params` on globals: runtime parameters do not override conf/<env>/globals.yml (checked with
 Kedro 1.7.0: `--params data_root=...` or `globals.data_root=...` leave catalog paths unchanged; only a
@@ -125,6 +128,7 @@ class Study:
         self.dry_run = args.dry_run
         self.stage_timeout = args.stage_timeout
         self.keep_workspaces = args.keep_workspaces
+        self.threads = args.threads
         shared = Path(args.shared_data).resolve()
         self.base_overrides: dict[str, Any] = {}
         if self.env == "ml_latest_small":
@@ -135,7 +139,13 @@ class Study:
             self.base_overrides["data_prep.movielens.path"] = str(path)
         if self.quick:
             self.base_overrides.update(QUICK_OVERRIDES)
-        self.params = load_parameters(self.env)
+        # Every job of this invocation runs the conf/ read here (copied once), so editing conf/ while a long
+        # study runs can neither split it across two configurations nor make a cache key lie.
+        self.conf = self.out / "work" / f".conf_{os.getpid()}"
+        if self.conf.exists():
+            shutil.rmtree(self.conf)
+        shutil.copytree(REPO / "conf", self.conf, ignore=shutil.ignore_patterns("local"))
+        self.params = load_parameters(self.env, self.conf)
         self.code = "any" if args.reuse_across_code else source_hash()
         self.kedro = str(Path(sys.executable).with_name("kedro"))
 
@@ -159,7 +169,7 @@ class Study:
         if ws.exists():
             shutil.rmtree(ws)
         ws.mkdir(parents=True)
-        shutil.copytree(REPO / "conf", ws / "conf", ignore=shutil.ignore_patterns("local"))
+        shutil.copytree(self.conf, ws / "conf")
         (ws / "conf" / "local").mkdir(exist_ok=True)
         shutil.copy(REPO / "pyproject.toml", ws / "pyproject.toml")
         if (REPO / ".telemetry").exists():
@@ -176,7 +186,12 @@ class Study:
     def _run_stage(self, ws: Path, run: Run, seed: int, stage: str) -> dict[str, Any]:
         cmd = [self.kedro, "run", "--env", self.env, "--pipeline", stage, "--params", params_arg(self.overrides(run, seed))]
         env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false", MLFLOW_TRACKING_URI=f"sqlite:///{self.out / 'mlflow.db'}")
+                   TOKENIZERS_PARALLELISM="false",
+                   # One tracking database per seed: seeds may run in parallel processes (--jobs), and
+                   # concurrent writers on one SQLite file fail with "database is locked".
+                   MLFLOW_TRACKING_URI=f"sqlite:///{self.out / f'mlflow_seed{seed}.db'}")
+        if self.threads:  # parallel jobs share the cores: one intra-op thread each, no spinning pools
+            env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
         log_path = ws / "logs" / f"{stage}.log"
         started = time.perf_counter()
         with open(log_path, "w") as log:
@@ -275,6 +290,44 @@ def _wait4_timeout(proc: subprocess.Popen, timeout: float):
         time.sleep(1.0)
 
 
+def run_seeds_in_parallel(args: argparse.Namespace, names: list[str], seeds: list[int], out: Path) -> None:
+    """One child process of this script per seed, at most args.jobs at once. Seeds never share a cache key
+    (the seed is part of every key) nor a result folder, so the children need no coordination; each logs
+    to <out>/logs/seed<seed>.log."""
+    child = [sys.executable, str(Path(__file__).resolve()), "--env", args.env, "--out", str(out),
+             "--shared-data", args.shared_data, "--rows", ",".join(names), "--no-report",
+             "--threads", str(args.threads or 1)]
+    child += ["--quick"] * args.quick + ["--reuse-across-code"] * args.reuse_across_code
+    child += ["--keep-workspaces"] * args.keep_workspaces
+    if args.stage_timeout is not None:
+        child += ["--stage-timeout", str(args.stage_timeout)]
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    pending, running, failed = list(seeds), {}, []
+    try:
+        while pending or running:
+            while pending and len(running) < args.jobs:
+                seed = pending.pop(0)
+                log = open(out / "logs" / f"seed{seed}.log", "a")
+                running[seed] = (subprocess.Popen([*child, "--seeds", str(seed)], stdout=log, stderr=subprocess.STDOUT), log)
+                print(f"[start] seed {seed} (log {out / 'logs' / f'seed{seed}.log'})", flush=True)
+            for seed, (proc, log) in list(running.items()):
+                if proc.poll() is not None:
+                    log.close()
+                    del running[seed]
+                    print(f"[end]   seed {seed}: exit {proc.returncode}", flush=True)
+                    if proc.returncode != 0:
+                        failed.append(seed)
+            time.sleep(2.0)
+    except BaseException:  # stop every child (each stops its running kedro stage); rerun to resume
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.wait()
+        raise
+    if failed:
+        print(f"seeds whose process failed: {failed} (see their logs)", file=sys.stderr)
+
+
 # --- aggregation -------------------------------------------------------------------------------------------------
 def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
     """Mean and the half-width of its Student-t confidence interval across seeds (nan for one seed)."""
@@ -333,6 +386,21 @@ def _timings_table(out: Path) -> list[str]:
             else:
                 cells.append(f"{t[s]['wall_s']:.0f} s{' (cached)' if t[s].get('cached') else ''}, {t[s]['max_rss_mb']:.0f} MB")
         lines.append(f"| {path.parent.parent.name} | {path.parent.name[4:]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _per_seed_table(long) -> list[str]:
+    """Recall@10 / NDCG@10 of every reported line on every seed, so the spread behind each CI is visible."""
+    if not len(long):
+        return ["nothing measured yet"]
+    seeds = sorted(long["seed"].unique().tolist())
+    lines = ["| table | row | " + " | ".join(f"seed {s} R@10 / N@10" for s in seeds) + " |", "|---|---|" + "---|" * len(seeds)]
+    for (table, label), g in long.groupby(["table", "label"], sort=False):
+        cells = []
+        for seed in seeds:
+            v = {r.metric: r.value for r in g[g["seed"] == seed].itertuples()}
+            cells.append(f"{v['recall@10']:.4f} / {v['ndcg@10']:.4f}" if "recall@10" in v and "ndcg@10" in v else "–")
+        lines.append(f"| {table} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -411,7 +479,16 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
             seeds = ",".join(map(str, e["seeds"])) if e else "–"
             md.append(f"| {line.label} | {line.run}/{line.model} | {seeds} | " + " | ".join(_fmt(e, m) for m in METRICS) + " |")
         md.append("")
-    md += ["## Wall time and peak memory per stage", "", *_timings_table(out), ""]
+    md += ["## Every seed", "", *_per_seed_table(long), ""]
+    md += ["## Reproducing a row", "",
+           "Each run is `python benchmarks/quality_study.py --rows <run> --seeds 42,43,44` (add `--jobs 3` to run "
+           "the seeds at once), which runs, per seed and per stage, "
+           "`kedro run --env ml_latest_small --pipeline <stage> --params seed=<seed>,<overrides>` with:", "",
+           "| run | what it is | overrides of conf/base + conf/ml_latest_small | stages |", "|---|---|---|---|"]
+    for run in RUNS.values():
+        overrides = ", ".join(f"`{k}={_cli_value(v)}`" for k, v in run.overrides.items()) or "none"
+        md.append(f"| {run.name} | {run.about} | {overrides} | {len(run.stages)} |")
+    md += ["", "## Wall time and peak memory per stage", "", *_timings_table(out), ""]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(md) + "\n")
 
@@ -452,6 +529,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage-timeout", type=float, default=None, help="seconds per stage before it is killed")
     parser.add_argument("--reuse-across-code", action="store_true", help="cache keys ignore source changes")
     parser.add_argument("--keep-workspaces", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="OMP/MKL threads of every kedro run (default: the conf's own settings)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="seeds run at once, each in its own process (seeds share no cached stage); with "
+                             "--jobs > 1 every kedro run gets one thread unless --threads says otherwise")
+    parser.add_argument("--no-report", action="store_true", help="run the jobs, write no report")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--report", default=None, help="Markdown results path (default <out>/results.md; PNG beside it)")
@@ -472,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     png_path = md_path.with_suffix(".png")
     command = "python benchmarks/quality_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    if not args.report_only:
+    if not args.report_only and args.jobs > 1 and len(seeds) > 1 and not args.dry_run:
+        run_seeds_in_parallel(args, names, seeds, out)
+    elif not args.report_only:
         study = Study(args)
         failures = []
         # Seed-major order: all runs of a seed share its cached prefix stages before the next seed starts.
@@ -483,10 +568,13 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:  # one broken row must not lose the rest of a long study
                     print(f"[fail] {exc}", file=sys.stderr)
                     failures.append((name, seed))
+        shutil.rmtree(study.conf, ignore_errors=True)
         if failures:
             print(f"{len(failures)} job(s) failed: {failures}", file=sys.stderr)
         if args.dry_run:
             return 0
+    if args.no_report:
+        return 0
     title = f"Align3GR quality study on {args.env}" + (" (--quick: tiny sizes, NOT a quality result)" if args.quick else "")
     write_report(out, md_path, png_path, title, command.strip())
     return 0

@@ -58,6 +58,9 @@ class Line:
     model: str
 
 
+# Runs in the order a study runs them: those that reuse cached stages of the Table 1 runs first (Table 5's
+# DPO variants reuse full's SFT), the costliest last (Table 3 retrains tokenization), so a study cut short
+# still has whole tables.
 RUNS: dict[str, Run] = {
     r.name: r
     for r in [
@@ -66,10 +69,11 @@ RUNS: dict[str, Run] = {
         Run("tiger", {**ITEM_ONLY, **tasks_only("seq")}, SFT_STAGES, "TIGER-like: item-only SCIDs, SEQ only, no DPO"),
         Run("lcrec", {**ITEM_ONLY, **tasks_only("seq", *C1, *C2, *C3, *B1)}, SFT_STAGES,
             "LC-Rec-like: item-only SCIDs, LC-Rec's tasks (SEQ, C1-C3, B1), no user SCID, no DPO"),
-        # Table 3: tokenization ablations, compared after SFT (the full run's `sft` model is the reference).
-        Run("tok_item_only", dict(ITEM_ONLY), SFT_STAGES, "item-only SCIDs (no user RQ-VAE, no user SCID in prompts)"),
-        Run("tok_no_cf", {"tokenization.ablation.cf_features": False}, SFT_STAGES, "semantic features only (no CF)"),
-        Run("tok_no_u2i", {"tokenization.ablation.u2i_alignment": False}, SFT_STAGES, "no U2I alignment phase"),
+        # Table 5: DPO variants (same SFT checkpoint as `full`, reused from the cache).
+        Run("dpo_random", {"sp_dpo_curriculum.mode": "random"}, SP_STAGES, "Softmax-DPO, random negatives"),
+        Run("dpo_no_curriculum", {"sp_dpo_curriculum.mode": "no_curriculum"}, SP_STAGES,
+            "self-play negatives, all buckets in one stage"),
+        Run("rf_mixed", {"rf_dpo.mode": "mixed"}, STAGES, "RF-DPO with disliked and neutral in one stage"),
         # Table 4: SFT task groups added one after the other (dual SCIDs throughout).
         Run("sft_seq", {"sft_data.inject_user_scid": False, **tasks_only("seq")}, SFT_STAGES, "SEQ"),
         Run("sft_c1", {"sft_data.inject_user_scid": False, **tasks_only("seq", *C1)}, SFT_STAGES, "SEQ + C1"),
@@ -77,11 +81,10 @@ RUNS: dict[str, Run] = {
             "SEQ + C1-C3"),
         Run("sft_c123_b1", {"sft_data.inject_user_scid": False, **tasks_only("seq", *C1, *C2, *C3, *B1)},
             SFT_STAGES, "SEQ + C1-C3 + B1"),
-        # Table 5: DPO variants (same SFT checkpoint as `full`, reused from the cache).
-        Run("dpo_random", {"sp_dpo_curriculum.mode": "random"}, SP_STAGES, "Softmax-DPO, random negatives"),
-        Run("dpo_no_curriculum", {"sp_dpo_curriculum.mode": "no_curriculum"}, SP_STAGES,
-            "self-play negatives, all buckets in one stage"),
-        Run("rf_mixed", {"rf_dpo.mode": "mixed"}, STAGES, "RF-DPO with disliked and neutral in one stage"),
+        # Table 3: tokenization ablations, compared after SFT (the full run's `sft` model is the reference).
+        Run("tok_item_only", dict(ITEM_ONLY), SFT_STAGES, "item-only SCIDs (no user RQ-VAE, no user SCID in prompts)"),
+        Run("tok_no_cf", {"tokenization.ablation.cf_features": False}, SFT_STAGES, "semantic features only (no CF)"),
+        Run("tok_no_u2i", {"tokenization.ablation.u2i_alignment": False}, SFT_STAGES, "no U2I alignment phase"),
     ]
 }
 

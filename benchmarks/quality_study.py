@@ -57,6 +57,14 @@ PAPER = {"Align3GR": {"recall@10": 0.1442, "ndcg@10": 0.1113}, "SASRec": {"recal
          "TIGER": {"recall@10": 0.1058, "ndcg@10": 0.0797}, "LC-Rec": {"recall@10": 0.1006, "ndcg@10": 0.0772}}
 
 
+# Tokenization's encoder nodes read only these parameter groups (and the seed), which no study row changes:
+# the study runs them once a seed and reruns only the SC tokenizer for each tokenization ablation (SASRec is
+# about two thirds of the stage's time). Checked against nodes.py: embed_semantics reads semantic_encoder,
+# train_collaborative_encoder collaborative_encoder, both device and num_threads; extract_cf_embeddings none.
+ENCODER_NODES = ("embed_semantics", "train_collaborative_encoder", "extract_cf_embeddings")
+ENCODER_PARAMS = ("semantic_encoder", "collaborative_encoder", "device", "num_threads")
+
+
 # --- parameters ---------------------------------------------------------------------------------------------
 def load_parameters(env: str, conf_source: Path = REPO / "conf") -> dict[str, Any]:
     """conf/base + conf/<env> parameters resolved exactly as `kedro run --env <env>` does (the project's
@@ -183,8 +191,10 @@ class Study:
     def _snapshot(data: Path) -> dict[str, tuple[int, int]]:
         return {str(p.relative_to(data)): (p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*") if p.is_file()}
 
-    def _run_stage(self, ws: Path, run: Run, seed: int, stage: str) -> dict[str, Any]:
+    def _run_stage(self, ws: Path, run: Run, seed: int, stage: str, nodes: list[str] | None = None) -> dict[str, Any]:
         cmd = [self.kedro, "run", "--env", self.env, "--pipeline", stage, "--params", params_arg(self.overrides(run, seed))]
+        if nodes:
+            cmd += ["--nodes", ",".join(nodes)]
         env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false",
                    # One tracking database per seed: seeds may run in parallel processes (--jobs), and
@@ -228,37 +238,104 @@ class Study:
             cache = self.out / "cache" / stage / keys[stage]
             manifest_path = cache / "manifest.json"
             if manifest_path.exists():
-                manifest = json.loads(manifest_path.read_text())
-                for rel in manifest["files"]:
-                    dst = data / rel
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(cache / "files" / rel, dst)
+                manifest = self._restore(cache, data)
                 timings[stage] = {**manifest["timing"], "cached": True}
                 print(f"[cache] {run.name} seed {seed} {stage} <- {keys[stage]}", flush=True)
                 continue
-            print(f"[run]   {run.name} seed {seed} {stage} ...", flush=True)
+            extra: dict[str, Any] = {}
+            nodes = None
             before = self._snapshot(data)
-            timing = self._run_stage(ws, run, seed, stage)
+            if stage == "tokenization":
+                enc_key = extra["encoders_key"] = self._encoders_key(self.overrides(run, seed), seed)
+                enc_cache = self._encoders_cache(enc_key)
+                if enc_cache is not None:
+                    self._restore(enc_cache, data)
+                    nodes = [n for n in self._tokenization_nodes() if n not in ENCODER_NODES]
+                    print(f"[cache] {run.name} seed {seed} tokenization encoders <- {enc_key}", flush=True)
+            print(f"[run]   {run.name} seed {seed} {stage} ...", flush=True)
+            timing = self._run_stage(ws, run, seed, stage, nodes)
+            if nodes:
+                timing["encoders_cached"] = True
             after = self._snapshot(data)
             written = sorted(rel for rel, sig in after.items() if before.get(rel) != sig)
-            tmp = cache.with_name(cache.name + ".tmp")
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            for rel in written:
-                (tmp / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(data / rel, tmp / "files" / rel)
-            tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / "manifest.json").write_text(json.dumps(
-                {"stage": stage, "key": keys[stage], "run": run.name, "seed": seed, "files": written, "timing": timing,
-                 "overrides": {k: v for k, v in self.overrides(run, seed).items()}}, indent=1, default=str))
-            if cache.exists():
-                shutil.rmtree(cache)
-            tmp.rename(cache)  # the cache entry appears whole or not at all
+            self._store(cache, data, written, {"stage": stage, "key": keys[stage], "run": run.name, "seed": seed,
+                                                "timing": timing, "overrides": self.overrides(run, seed), **extra})
             timings[stage] = {**timing, "cached": False}
             print(f"[done]  {run.name} seed {seed} {stage}: {timing['wall_s']} s, peak {timing['max_rss_mb']} MB", flush=True)
         self._collect(ws, run, seed, timings)
         if not self.keep_workspaces:
             shutil.rmtree(ws)
+
+    @staticmethod
+    def _restore(cache: Path, data: Path) -> dict[str, Any]:
+        manifest = json.loads((cache / "manifest.json").read_text())
+        for rel in manifest["files"]:
+            dst = data / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(cache / "files" / rel, dst)
+        return manifest
+
+    @staticmethod
+    def _store(cache: Path, data: Path, files: list[str], manifest: dict[str, Any]) -> None:
+        tmp = cache.with_name(cache.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for rel in files:
+            (tmp / "files" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(data / rel, tmp / "files" / rel)
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "manifest.json").write_text(json.dumps({**manifest, "files": files}, indent=1, default=str))
+        if cache.exists():
+            shutil.rmtree(cache)
+        tmp.rename(cache)  # the cache entry appears whole or not at all
+
+    # -- tokenization's encoders, shared by the tokenization ablations of a seed --
+    def _encoders_key(self, overrides: dict[str, Any], seed: int) -> str:
+        resolved = apply_overrides(self.params, overrides)
+        upstream = _digest({"up": "root", "stage": "data_prep", "params": resolved.get("data_prep"), "seed": seed,
+                            "env": self.env, "code": self.code})
+        tok = resolved.get("tokenization") or {}
+        return _digest({"up": upstream, "stage": "tokenization_encoders", "params": {k: tok.get(k) for k in ENCODER_PARAMS},
+                        "seed": seed, "env": self.env, "code": self.code})
+
+    @staticmethod
+    def _tokenization_nodes() -> list[str]:
+        from align3gr_pipelines.pipelines.tokenization import create_pipeline
+
+        return [n.name for n in create_pipeline().nodes]
+
+    def _encoder_files(self, files: list[str]) -> list[str]:
+        """The files (relative to data/) the encoder nodes write: their datasets' catalog paths and lineage."""
+        from kedro.config import OmegaConfigLoader
+
+        from align3gr_pipelines.pipelines.tokenization import create_pipeline
+        from align3gr_pipelines.settings import CONFIG_LOADER_ARGS
+
+        names = sorted(create_pipeline().only_nodes(*ENCODER_NODES).all_outputs())
+        args = {k: v for k, v in CONFIG_LOADER_ARGS.items() if k != "default_run_env"}
+        catalog = OmegaConfigLoader(conf_source=str(self.conf), env=self.env, **args)["catalog"]
+        prefixes = [str(Path(catalog[n].get("filepath") or catalog[n]["path"]).relative_to("data")) for n in names]
+        return [f for f in files
+                if any(f == p or f.startswith(p.rstrip("/") + "/") for p in prefixes)
+                or any(f.endswith(f"/.lineage/{n}.json") for n in names)]
+
+    def _encoders_cache(self, key: str) -> Path | None:
+        """The encoders' cache entry for `key`; made on first use from a whole tokenization entry of the same
+        encoders (so entries from before this split, or from any row of the seed, serve)."""
+        enc = self.out / "cache" / "tokenization_encoders" / key
+        if (enc / "manifest.json").exists():
+            return enc
+        for manifest_path in sorted((self.out / "cache" / "tokenization").glob("*/manifest.json")):
+            m = json.loads(manifest_path.read_text())
+            if m.get("encoders_key", self._encoders_key(m["overrides"], int(m["seed"]))) != key:
+                continue
+            files = self._encoder_files(m["files"])
+            if not files:
+                continue
+            self._store(enc, manifest_path.parent / "files", files,
+                        {"stage": "tokenization_encoders", "key": key, "from": str(manifest_path.parent), "timing": m["timing"]})
+            return enc
+        return None
 
     def _collect(self, ws: Path, run: Run, seed: int, timings: dict[str, Any]) -> None:
         found = sorted((ws / "data").rglob("08_reporting/evaluation/metrics.parquet"))
@@ -384,7 +461,8 @@ def _timings_table(out: Path) -> list[str]:
             if s not in t:
                 cells.append("–")
             else:
-                cells.append(f"{t[s]['wall_s']:.0f} s{' (cached)' if t[s].get('cached') else ''}, {t[s]['max_rss_mb']:.0f} MB")
+                note = " (cached)" if t[s].get("cached") else " (encoders reused)" if t[s].get("encoders_cached") else ""
+                cells.append(f"{t[s]['wall_s']:.0f} s{note}, {t[s]['max_rss_mb']:.0f} MB")
         lines.append(f"| {path.parent.parent.name} | {path.parent.name[4:]} | " + " | ".join(cells) + " |")
     return lines
 

@@ -74,6 +74,33 @@ def test_ablation_rows_change_their_stage_and_share_the_rest(env_params):
     assert study.stage_keys(study_rows.RUNS["full"], 43)["data_prep"] != full["data_prep"]
 
 
+def test_tokenization_ablations_share_the_encoders_of_their_seed(env_params):
+    """Every row of a seed reuses one semantic-encoder + SASRec run (the tokenization rows only rerun the SC
+    tokenizer), a seed does not reuse another seed's, and the encoders' files are picked out of a whole
+    tokenization stage by their catalog paths."""
+    study = object.__new__(quality_study.Study)
+    study.params, study.env, study.code = env_params["ml_latest_small"], "ml_latest_small", "x"
+    study.base_overrides, study.conf = {}, REPO / "conf"
+    keys = {study._encoders_key(study.overrides(run, 42), 42) for run in study_rows.RUNS.values()}
+    assert len(keys) == 1
+    assert study._encoders_key(study.overrides(study_rows.RUNS["full"], 43), 43) not in keys
+    changed = {**study.overrides(study_rows.RUNS["full"], 42), "tokenization.collaborative_encoder.epochs": 3}
+    assert study._encoders_key(changed, 42) not in keys
+    stage_files = [
+        "ml_latest_small/.lineage/sasrec_model.json", "ml_latest_small/.lineage/sc_tokenizer.json",
+        "ml_latest_small/04_feature/item_cf_embeddings.parquet", "ml_latest_small/04_feature/item_sc_embeddings.parquet",
+        "ml_latest_small/04_feature/user_semantic_embeddings.parquet", "ml_latest_small/05_model_input/item_scids.parquet",
+        "ml_latest_small/06_models/sasrec/model.safetensors", "ml_latest_small/06_models/sc_tokenizer/model.safetensors",
+        "ml_latest_small/08_reporting/tokenization/sasrec_log.json", "ml_latest_small/08_reporting/tokenization/metrics.json",
+    ]
+    assert study._encoder_files(stage_files) == [
+        "ml_latest_small/.lineage/sasrec_model.json", "ml_latest_small/04_feature/item_cf_embeddings.parquet",
+        "ml_latest_small/04_feature/user_semantic_embeddings.parquet", "ml_latest_small/06_models/sasrec/model.safetensors",
+        "ml_latest_small/08_reporting/tokenization/sasrec_log.json",
+    ]
+    assert set(study._tokenization_nodes()) >= set(quality_study.ENCODER_NODES)
+
+
 def test_mean_ci_is_a_student_t_interval():
     mean, half = quality_study.mean_ci([0.1, 0.2, 0.3])
     assert mean == pytest.approx(0.2) and half == pytest.approx(4.302653 * 0.1 / 3**0.5, rel=1e-5)

@@ -467,6 +467,42 @@ def _timings_table(out: Path) -> list[str]:
     return lines
 
 
+# (table, label) pairs whose per-seed difference the report shows: b minus a.
+PAIRS = [
+    (("Table 1: overall", "SASRec"), ("Table 1: overall", "Align3GR (full)")),
+    (("Table 1: overall", "TIGER-like"), ("Table 1: overall", "Align3GR (full)")),
+    (("Table 1: overall", "LC-Rec-like"), ("Table 1: overall", "Align3GR (full)")),
+    (("Alignment levels", "LC-Rec-like (item SCIDs, no user alignment)"),
+     ("Alignment levels", "+ token & behaviour level (dual SCIDs, B2, user SCID) = SFT")),
+    (("Table 5: DPO", "SFT only"), ("Table 5: DPO", "SP-DPO curriculum")),
+    (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "+ RF-DPO progressive (full)")),
+    (("Table 4: SFT tasks", "+ B1 (intention, preference)"), ("Table 4: SFT tasks", "+ B2 + user SCID (full SFT)")),
+    (("Table 3: tokenization (after SFT)", "Item-only SCIDs"), ("Table 3: tokenization (after SFT)", "Dual SCIDs (full)")),
+]
+
+
+def _paired_table(long) -> list[str]:
+    if not len(long):
+        return ["nothing measured yet"]
+    lines = ["| b − a | seeds | Δ recall@10 | Δ ndcg@10 | relative Δ recall@10 |", "|---|---|---|---|---|"]
+    for a, b in PAIRS:
+        cells, seeds = [], []
+        for metric in ("recall@10", "ndcg@10"):
+            va = long[(long.table == a[0]) & (long.label == a[1]) & (long.metric == metric)].set_index("seed")["value"]
+            vb = long[(long.table == b[0]) & (long.label == b[1]) & (long.metric == metric)].set_index("seed")["value"]
+            seeds = sorted(set(va.index) & set(vb.index))
+            if not seeds:
+                break
+            mean, half = mean_ci([vb[s] - va[s] for s in seeds])
+            cells.append(f"{mean:+.4f}" + ("" if half != half else f" ± {half:.4f}"))
+            if metric == "recall@10":
+                base = sum(va[s] for s in seeds) / len(seeds)
+                rel = f"{100 * mean / base:+.0f}%" if base else "–"
+        if len(cells) == 2:
+            lines.append(f"| '{b[1]}' − '{a[1]}' | {','.join(map(str, seeds))} | {cells[0]} | {cells[1]} | {rel} |")
+    return lines
+
+
 def _per_seed_table(long) -> list[str]:
     """Recall@10 / NDCG@10 of every reported line on every seed, so the spread behind each CI is visible."""
     if not len(long):
@@ -557,6 +593,10 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
             seeds = ",".join(map(str, e["seeds"])) if e else "–"
             md.append(f"| {line.label} | {line.run}/{line.model} | {seeds} | " + " | ".join(_fmt(e, m) for m in METRICS) + " |")
         md.append("")
+    md += ["## Paired differences over seeds", "",
+           "Rows of one seed share everything seed-dependent they have in common (SASRec, the encoders, cached "
+           "stages), so the per-seed difference removes that shared variation; mean ± 95% Student-t half-width "
+           "of the per-seed differences.", "", *_paired_table(long), ""]
     md += ["## Every seed", "", *_per_seed_table(long), ""]
     md += ["## Reproducing a row", "",
            "Each run is `python benchmarks/quality_study.py --rows <run> --seeds 42,43,44` (add `--jobs 3` to run "

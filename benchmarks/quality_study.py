@@ -476,6 +476,8 @@ PAIRS = [
      ("Alignment levels", "+ token & behaviour level (dual SCIDs, B2, user SCID) = SFT")),
     (("Table 5: DPO", "SFT only"), ("Table 5: DPO", "SP-DPO curriculum")),
     (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "+ RF-DPO progressive (full)")),
+    (("Table 1: overall", "TIGER-like"), ("Table 4: SFT tasks", "SEQ")),  # dual vs item-only SCIDs, SEQ alone
+    (("Table 4: SFT tasks", "SEQ"), ("Table 4: SFT tasks", "+ B2 + user SCID (full SFT)")),  # all tasks vs SEQ
     (("Table 4: SFT tasks", "+ B1 (intention, preference)"), ("Table 4: SFT tasks", "+ B2 + user SCID (full SFT)")),
     (("Table 3: tokenization (after SFT)", "Item-only SCIDs"), ("Table 3: tokenization (after SFT)", "Dual SCIDs (full)")),
 ]
@@ -573,7 +575,7 @@ def findings(summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     return out
 
 
-def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: str) -> None:
+def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: str, notes: Path | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -585,6 +587,8 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
     md = [f"# {title}", "", f"Produced by `{command}`.",
           "Test split, leave-one-out, every metric the mean over seeds ± the half-width of a 95% Student-t "
           "confidence interval across seeds (a single seed shows the value alone). Rows: benchmarks/study_rows.py.", ""]
+    if notes is not None:  # hand-written context (how the study was run, what the numbers mean), kept verbatim
+        md += [notes.read_text().rstrip(), ""]
     md += ["## What disagrees with the paper, and what agrees", ""] + (findings(summary) if summary else ["- nothing measured yet"]) + [""]
     for table in tables:
         md += [f"## {table}", "", "| row | run/model | seeds | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
@@ -656,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--report", default=None, help="Markdown results path (default <out>/results.md; PNG beside it)")
+    parser.add_argument("--notes", default=None, help="a Markdown file copied into the report after its header")
     args = parser.parse_args(argv)
 
     validate()
@@ -694,7 +699,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_report:
         return 0
     title = f"Align3GR quality study on {args.env}" + (" (--quick: tiny sizes, NOT a quality result)" if args.quick else "")
-    write_report(out, md_path, png_path, title, command.strip())
+    notes = Path(args.notes).resolve() if args.notes else None
+    if notes is not None and not notes.is_file():
+        parser.error(f"--notes {args.notes}: no such file")
+    write_report(out, md_path, png_path, title, command.strip(), notes)
     return 0
 
 

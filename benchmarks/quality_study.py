@@ -164,10 +164,11 @@ class Study:
         resolved = apply_overrides(self.params, self.overrides(run, seed))
         keys, upstream = {}, "root"
         for stage in run.stages:
-            upstream = keys[stage] = _digest(
-                {"up": upstream, "stage": stage, "params": resolved.get(stage), "seed": seed, "env": self.env, "code": self.code}
-            )
+            upstream = keys[stage] = self._stage_key(upstream, stage, resolved.get(stage), seed)
         return keys
+
+    def _stage_key(self, upstream: str, stage: str, params: Any, seed: int) -> str:
+        return _digest({"up": upstream, "stage": stage, "params": params, "seed": seed, "env": self.env, "code": self.code})
 
     def result_dir(self, run: Run, seed: int) -> Path:
         return self.out / "results" / run.name / f"seed{seed}"
@@ -292,11 +293,9 @@ class Study:
     # -- tokenization's encoders, shared by the tokenization ablations of a seed --
     def _encoders_key(self, overrides: dict[str, Any], seed: int) -> str:
         resolved = apply_overrides(self.params, overrides)
-        upstream = _digest({"up": "root", "stage": "data_prep", "params": resolved.get("data_prep"), "seed": seed,
-                            "env": self.env, "code": self.code})
+        upstream = self._stage_key("root", "data_prep", resolved.get("data_prep"), seed)
         tok = resolved.get("tokenization") or {}
-        return _digest({"up": upstream, "stage": "tokenization_encoders", "params": {k: tok.get(k) for k in ENCODER_PARAMS},
-                        "seed": seed, "env": self.env, "code": self.code})
+        return self._stage_key(upstream, "tokenization_encoders", {k: tok.get(k) for k in ENCODER_PARAMS}, seed)
 
     @staticmethod
     def _tokenization_nodes() -> list[str]:

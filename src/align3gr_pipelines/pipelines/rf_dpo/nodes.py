@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from align3gr_pipelines import feedback_pairs as fp
+from align3gr_pipelines import sentiment
 from align3gr_pipelines.dpo_trainer import (
     DPOConfig,
     Selection,
@@ -51,40 +52,13 @@ def _stage_kind(stage: str, mode: str) -> str | None:
     return "mixed" if stage == "hard" else None
 
 
-def _scorer_factory(cfg: dict[str, Any], feedback: pd.DataFrame, interactions: pd.DataFrame, level_cfg: dict[str, Any], seed: int):
-    """Builds the sentiment scorer on first use (only if some row needs one). Where the data also has
-    rated reviews, the scorer is checked against their ratings — on a held-out half when it was
-    calibrated on the other half (``calibrate_on_rated``)."""
-    from align3gr_pipelines import sentiment
-
-    state: dict[str, Any] = {}
-
-    def build() -> Any:
-        if "scorer" not in state:
-            scorer = sentiment.make_scorer(cfg)
-            n_check = int(cfg.get("check_on_rated", 200))
-            thresholds = (float(level_cfg.get("neutral_min", 2.0)), float(level_cfg.get("liked_min", 4.0)))
-            calibrate = bool(cfg.get("calibrate_on_rated", False)) and isinstance(scorer, sentiment.AnchorSentimentScorer)
-            texts, truth = fp.rated_reviews(feedback, interactions, (2 if calibrate else 1) * n_check, seed, *thresholds)
-            if calibrate and len(texts) >= 2:
-                half = len(texts) // 2
-                state["calibrated"] = scorer.calibrate(texts[:half], truth[:half], seed=seed)
-                texts, truth = texts[half:], truth[half:]
-            if texts:
-                state["agreement"] = fp.agreement(truth, scorer.predict(texts))
-            state["scorer"] = scorer
-        return state["scorer"]
-
-    return build, state
-
-
 def resolve_feedback_levels(
     feedback: pd.DataFrame, interactions: pd.DataFrame, params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Training-period feedback with a level per row (sentiment for review-only rows) and its report."""
     level_cfg = dict(params.get("levels", {}))
     sent_cfg = dict(params.get("sentiment", {}))
-    build, state = _scorer_factory(sent_cfg, feedback, interactions, level_cfg, int(seed))
+    build, state = sentiment.checked_scorer_factory(sent_cfg, feedback, interactions, level_cfg, int(seed))
     levels, report = fp.training_feedback(feedback, interactions, level_cfg, build)
     info: dict[str, Any] = dict(report)
     if "scorer" in state:

@@ -124,6 +124,10 @@ def valid_recall_evaluator(
         rec = RecLM(model=model, tokenizer=tokenizer, meta={})
         return valid_recall.recall_at_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
 
+    # Identifies the sample and decoder settings, so a stage can reuse the score its input policy got as
+    # the previous stage's selected checkpoint (recorded in meta["valid_recall"]) instead of decoding again.
+    payload = json.dumps([sample.prompts, sample.target_index.tolist(), sel.k, sel.beam_width])
+    evaluate.key = hashlib.sha256(payload.encode()).hexdigest()  # type: ignore[attr-defined]
     return evaluate
 
 
@@ -298,12 +302,14 @@ def train_dpo(
     seed: int,
     evaluate: Callable[[Any], float] | None = None,
     selection: Selection | None = None,
+    input_score: float | None = None,
 ) -> DPOResult:
     """Train ``model`` in place on the examples with the Softmax-DPO loss; the reference is ``model`` as given.
 
     With ``evaluate`` (model → valid recall) and an enabled ``selection``, ``model`` ends holding the
     weights of the best evaluated checkpoint (step 0 = the input policy; ties keep the earlier one), or the
-    last step's weights when ``selection.allow_worse``."""
+    last step's weights when ``selection.allow_worse``. ``input_score``: the input policy's known valid
+    recall (not decoded again)."""
     if not examples:
         raise ValueError("DPO: no preference pairs to train on")
     torch.manual_seed(seed)
@@ -338,7 +344,7 @@ def train_dpo(
             return
         was = model.training
         model.eval()
-        score = float(evaluate(model))
+        score = float(input_score) if at == 0 and input_score is not None else float(evaluate(model))
         model.train(was)
         curves["valid_recall"].append([at, score])
         if not best or score > best["score"]:
@@ -482,7 +488,10 @@ def train_stage(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     reference_fp = weights_fingerprint(model)
     examples = examples_from_pairs(pairs, tok)
-    result = train_dpo(model, examples, cfg, pad_id, seed, evaluate, selection)
+    known = policy.meta.get("valid_recall") or {}
+    key = getattr(evaluate, "key", None)
+    input_score = known.get("score") if key is not None and known.get("key") == key else None
+    result = train_dpo(model, examples, cfg, pad_id, seed, evaluate, selection, input_score)
     policy_fp = weights_fingerprint(model)
     meta = copy.deepcopy(policy.meta)
     dpo_meta = {
@@ -497,6 +506,10 @@ def train_stage(
         "selected_step": int(result.scalars["selected_step"]),
     }
     meta.update(stage=stage, skipped=False, dpo=dpo_meta)
+    if "valid_recall_selected" in result.scalars and key is not None:
+        meta["valid_recall"] = {"key": key, "score": result.scalars["valid_recall_selected"]}
+    else:
+        meta.pop("valid_recall", None)
     meta.setdefault("dpo_history", []).append({"stage": stage, "reference": reference, "policy_fingerprint": policy_fp})
     meta["trained_from"] = {"reference_policy": reference_fp, "pairs": pairs_fingerprint(pairs)}
     metrics = {

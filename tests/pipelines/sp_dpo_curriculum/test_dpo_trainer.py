@@ -196,3 +196,25 @@ def test_selection_uses_real_valid_recall(world):
     assert 0.0 <= r <= 1.0 and r == evaluate(world.policy.model)  # deterministic: the same users
     with pytest.raises(ValueError, match="unknown selection parameter"):
         Selection.from_params({"every": 3}, "params x.selection")
+
+
+def test_next_stage_reuses_the_selected_score_of_its_input_policy(world):
+    from align3gr_pipelines.dpo_trainer import Selection
+
+    calls = []
+
+    def evaluate(model):
+        calls.append(weights_fingerprint(model))
+        return 0.1 * len(calls)
+
+    evaluate.key = "sample-1"
+    cfg = DPOConfig(beta=0.5, learning_rate=5e-3, batch_size=4, **QUIET)
+    sel = Selection.from_params({"enabled": True, "eval_every": 1}, "x")
+    first, m1 = train_stage(world.policy, _random_pairs(world), cfg, 0, "sp_dpo_easy", "sft_model", evaluate=evaluate, selection=sel)
+    assert len(calls) == 4 and first.meta["valid_recall"] == {"key": "sample-1", "score": m1["scalars"]["valid_recall_selected"]}
+    second, m2 = train_stage(first, _random_pairs(world), cfg, 1, "sp_dpo_medium", "sp_dpo_model_easy", evaluate=evaluate, selection=sel)
+    assert len(calls) == 4 + 3  # the input policy is not decoded again
+    assert m2["scalars"]["valid_recall_input"] == m1["scalars"]["valid_recall_selected"]
+    evaluate.key = "another-sample"
+    train_stage(first, _random_pairs(world), cfg, 1, "sp_dpo_medium", "sp_dpo_model_easy", evaluate=evaluate, selection=sel)
+    assert len(calls) == 7 + 4

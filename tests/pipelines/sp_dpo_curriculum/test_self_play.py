@@ -157,6 +157,7 @@ def test_filled_share_is_high_for_beam_mining_and_zero_for_exact_scoring():
     scored = Mining(candidates="scored", max_scored=64)
     pairs, stats = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, medium, scored, np.random.default_rng(0), False)
     assert stats["filled_fraction"] == 0.0 and (pairs["filled"] == 0).all()
+    assert len(pairs) == len(prompts) and (pairs["rejected"].map(len) == 3).all()
     # every negative is in the bucket, and they are the bucket's best by the policy's exact score
     from align3gr_pipelines.self_play import bucket_members, score_candidates
 

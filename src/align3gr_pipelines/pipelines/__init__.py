@@ -5,8 +5,7 @@ from collections.abc import Iterable
 
 from kedro.pipeline import Node, Pipeline
 
-# The paper's alignment level each stage serves: kedro-viz filters by these tags, and
-# `kedro run --tags=preference` runs both DPO stages.
+# The paper's alignment level each stage serves, as a node tag (a filter in kedro-viz).
 ALIGNMENT_LEVEL = {
     "data_prep": "data",
     "tokenization": "token",

@@ -1,8 +1,8 @@
 """Fixtures for the integration tests: a toy Kedro project wired to the real settings, hooks and CLI.
 
 The real stages are developed in parallel, so these tests run the project's machinery (hooks, lineage,
-kedro-mlflow config, `kedro lineage`, kedro-viz, the notebook) on ``toy_project/``: four tiny stages
-that really compute and write datasets under the real names (items, item_scids, evaluation_metrics...).
+kedro-mlflow config, `kedro lineage`, the notebook; kedro-viz draws the real project) on ``toy_project/``:
+four tiny stages that really compute and write datasets under the real names (items, item_scids, evaluation_metrics...).
 """
 from __future__ import annotations
 

@@ -61,7 +61,8 @@ PAPER = {"Align3GR": {"recall@10": 0.1442, "ndcg@10": 0.1113}, "SASRec": {"recal
 # the study runs them once a seed and reruns only the SC tokenizer for each tokenization ablation (SASRec is
 # about two thirds of the stage's time). Checked against nodes.py: embed_semantics reads semantic_encoder,
 # train_collaborative_encoder collaborative_encoder, both device and num_threads; extract_cf_embeddings none.
-ENCODER_NODES = ("embed_semantics", "train_collaborative_encoder", "extract_cf_embeddings")
+# Node names carry their stage's namespace (each stage is a Kedro modular pipeline).
+ENCODER_NODES = ("tokenization.embed_semantics", "tokenization.train_collaborative_encoder", "tokenization.extract_cf_embeddings")
 ENCODER_PARAMS = ("semantic_encoder", "collaborative_encoder", "device", "num_threads")
 
 

@@ -4,6 +4,8 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import INPUT_POLICY, STAGES, build_rf_pairs, recommend_for_feedback, resolve_feedback_levels, train_rf_stage
 
 
@@ -42,4 +44,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name=f"train_rf_dpo_{stage}",
             ),
         ]
-    return Pipeline(nodes)
+    return stage_pipeline("rf_dpo", nodes)

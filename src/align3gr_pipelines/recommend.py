@@ -127,7 +127,7 @@ def parse_request(raw: Any, where: str = "request") -> Request:
     k = raw.get("k")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise RequestError(f"{where}: 'k' must be an integer >= 1, got {k!r}")
-    user = raw.get("user_id")
+    user = _null_to_none(raw.get("user_id"))  # a missing cell of a table (NaN) is no user id
     if user is not None and not (isinstance(user, str) or (isinstance(user, numbers.Integral) and not isinstance(user, bool))):
         raise RequestError(f"{where}: 'user_id' must be a string, an integer or null, got {user!r}")
     return Request(history=items, k=int(k), user_id=None if user is None or user == "" else str(user))
@@ -211,12 +211,16 @@ class Recommender:
         user = self.user_tokens.get(request.user_id) if (self.prompt.inject_user_scid and request.user_id is not None) else None
         return seq_prompt(history, user, self.prompt.template_id)
 
-    def recommend_many(self, requests: Sequence[Request | Mapping[str, Any]]) -> list[list[dict[str, Any]]]:
+    def recommend_many(
+        self, requests: Sequence[Request | Mapping[str, Any]], names: Sequence[str] | None = None
+    ) -> list[list[dict[str, Any]]]:
         """One ranked list per request: dicts with rank (1-based), item_id, title, score (the summed log-
-        probability of the item's SCID tokens). All requests are checked before any is decoded."""
-        parsed = [r if isinstance(r, Request) else parse_request(r, f"request {n}") for n, r in enumerate(requests)]
+        probability of the item's SCID tokens). All requests are checked before any is decoded; an error
+        names the request by ``names[n]`` (default "request n")."""
+        where = list(names) if names is not None else [f"request {n}" for n in range(len(requests))]
+        parsed = [r if isinstance(r, Request) else parse_request(r, where[n]) for n, r in enumerate(requests)]
         for n, r in enumerate(parsed):
-            self.check(r, f"request {n}")
+            self.check(r, where[n])
         out: list[list[dict[str, Any]]] = [[] for _ in parsed]
         # The decoder widens the beam to k when k > beam_width, which changes every list in its batch: requests
         # are decoded in groups of equal effective width, so a list never depends on the other requests.
@@ -255,8 +259,10 @@ class Recommender:
             k = row.get("k", default_k)
             raw.append({"history": _plain_list(row["history"]), "user_id": _null_to_none(row.get("user_id")),
                         "k": default_k if _null_to_none(k) is None else _plain_int(k)})
-        lists = self.recommend_many([parse_request(r, f"request {ids[n]!r} (row {n})") for n, r in enumerate(raw)])
-        rows = [{"request_id": rid, "user_id": req["user_id"], **item, "model": self.stage} for rid, req, lst in zip(ids, raw, lists) for item in lst]
+        names = [f"request {rid!r} (row {n})" for n, rid in enumerate(ids)]
+        parsed = [parse_request(r, names[n]) for n, r in enumerate(raw)]
+        lists = self.recommend_many(parsed, names)
+        rows = [{"request_id": rid, "user_id": req.user_id, **item, "model": self.stage} for rid, req, lst in zip(ids, parsed, lists) for item in lst]
         frame = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
         return frame.astype({"request_id": "str", "rank": "int64", "item_id": "str", "title": "str", "score": "float64", "model": "str"})
 

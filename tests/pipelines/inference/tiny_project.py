@@ -37,6 +37,7 @@ def make_project(root: Path, requests: pd.DataFrame = REQUESTS) -> tuple[Path, T
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "conf" / "base", root / "conf" / "base")
     (root / "conf" / "local").mkdir()
+    (root / "src").mkdir()  # kedro wants the source dir; the package itself is the installed one
     shutil.copy2(REPO / "pyproject.toml", root / "pyproject.toml")
     world = make_world()
     data = root / "data"

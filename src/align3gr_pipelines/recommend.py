@@ -11,7 +11,9 @@ Every request is checked before anything is decoded: an unknown item id, an empt
 1..catalogue size or a malformed field raises `RequestError` naming the request and the problem.
 
 The same class backs the Python API, the Kedro `inference` pipeline and the MLflow pyfunc
-(`recommender_model.py`), so the three give identical lists for the same request.
+(`recommender_model.py`), so the three give identical lists for the same request. A request's list does
+not depend on the other requests decoded with it; only its scores may differ in the last float bits when
+left padding in a batch differs.
 """
 from __future__ import annotations
 

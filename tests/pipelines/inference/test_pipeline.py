@@ -37,8 +37,16 @@ def project(tmp_path_factory) -> Iterator[Path]:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         kedro_run(root)
         yield root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_mlflow() -> Iterator[None]:
+    # kedro-mlflow points this process's MLflow at the test's store; later tests must not log there.
+    before = mlflow.get_tracking_uri()
+    yield
     while mlflow.active_run():
         mlflow.end_run()
+    mlflow.set_tracking_uri(before)
 
 
 def test_kedro_run_and_python_api_return_identical_top_k(project):

@@ -110,11 +110,18 @@ def served(tmp_path_factory) -> Iterator[Served]:
                                       PromptSettings(max_history=10), device="cpu", stage="sft")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        model_uri = log_recommender(rec)
-    finally:
-        mlflow.set_tracking_uri(before)
+    with pytest.MonkeyPatch.context() as mp:
+        # An experiment of this store: the process's active one (set by earlier tests' kedro-mlflow runs)
+        # belongs to another store, and is restored on exit.
+        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.delenv(var, raising=False)
+        mlflow.set_tracking_uri(tracking_uri)
+        try:
+            mlflow.set_experiment("recommender-serving")
+            model_uri = log_recommender(rec)
+        finally:
+            mlflow.set_tracking_uri(before)
     assert model_uri.startswith("runs:/")
     log = root / "serve.log"
     proc, url = _serve(model_uri, tracking_uri, log)

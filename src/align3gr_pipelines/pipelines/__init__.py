@@ -14,6 +14,7 @@ ALIGNMENT_LEVEL = {
     "sp_dpo_curriculum": "preference",
     "rf_dpo": "preference",
     "evaluation": "evaluation",
+    "inference": "inference",  # not a stage of `full`: it serves the trained model
 }
 
 

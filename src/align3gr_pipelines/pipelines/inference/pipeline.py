@@ -2,12 +2,15 @@
 the recommender logged to MLflow as a servable pyfunc model. Not part of `full`: it runs after training."""
 from kedro.pipeline import Pipeline, node
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import load_recommender_node, log_servable_model, recommend_requests
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     params = "params:inference"
-    return Pipeline(
+    return stage_pipeline(
+        "inference",
         [
             node(load_recommender_node, ["item_scids", "items", "user_scids", "params:sft_data", params],
                  "inference_recommender", name="load_recommender"),
@@ -15,8 +18,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                  ["inference_recommendations", "inference_info"], name="recommend_requests"),
             node(log_servable_model, ["inference_recommender", "inference_info", params], "inference_model", name="log_servable_model"),
         ],
-        # A modular pipeline (one collapsible node in kedro-viz) whose datasets keep their catalog names.
-        namespace="inference",
-        prefix_datasets_with_namespace=False,
-        tags=["inference"],
     )

@@ -2,6 +2,8 @@
 checkpoint → `recommendations` → metrics table (Parquet, Markdown, JSON) and comparison chart."""
 from kedro.pipeline import Pipeline, node
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import (
     LM_STAGES,
     build_eval_cases,
@@ -33,7 +35,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                  [f"eval_recs_{label}", f"eval_info_{label}"], name=f"recommend_{label}")
         )
     parts = [name for n in recommenders for name in n.outputs]
-    return Pipeline(
+    return stage_pipeline(
+        "evaluation",
         [
             node(build_eval_cases, ["valid", "test", params, "params:seed"], "eval_cases", name="build_eval_cases"),
             node(build_eval_prompts, ["eval_cases", "seq_eval_prompts", "item_scids", "user_scids", params],
@@ -45,5 +48,5 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(plot_comparison, "evaluation_metrics", "evaluation_comparison_plot", name="plot_evaluation_comparison"),
             node(report_preference_stages, ["recommendations", "eval_cases", "feedback", params, "params:seed"],
                  ["evaluation_stage_report", "evaluation_stage_report_md"], name="report_preference_stages"),
-        ]
+        ],
     )

@@ -1,8 +1,10 @@
-"""The `rf_dpo` stage wiring: feedback levels → recommendations of the final SP-DPO policy →
+"""The `rf_dpo` stage wiring: feedback levels → per stage: recommendations of the stage's own input policy →
 (pairs → train) × easy → hard, each stage's policy being the next stage's start and reference."""
 from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
+
+from align3gr_pipelines.pipelines import stage_pipeline
 
 from .nodes import INPUT_POLICY, STAGES, build_rf_pairs, recommend_for_feedback, resolve_feedback_levels, train_rf_stage
 
@@ -43,4 +45,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name=f"train_rf_dpo_{stage}",
             ),
         ]
-    return Pipeline(nodes)
+    return stage_pipeline("rf_dpo", nodes)

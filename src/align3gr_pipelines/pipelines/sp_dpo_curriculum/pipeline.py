@@ -4,6 +4,8 @@ from functools import partial, update_wrapper
 
 from kedro.pipeline import Node, Pipeline
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import INPUT_POLICY, STAGES, build_self_play_pairs, train_self_play_stage
 
 
@@ -32,4 +34,4 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name=f"train_sp_dpo_{stage}",
             ),
         ]
-    return Pipeline(nodes)
+    return stage_pipeline("sp_dpo_curriculum", nodes)

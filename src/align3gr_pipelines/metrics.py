@@ -49,6 +49,18 @@ def tie_group_positions(
     return (scores == target_score[:, None]) & listed & found[:, None]
 
 
+def tie_group_at_list_end(
+    rec_items: Sequence[Sequence[object]] | np.ndarray,
+    targets: Sequence[object],
+    rec_scores: Sequence[Sequence[float]] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Bool [n_users]: the target is listed and its tie group holds the list's last position, so the group
+    may go on past the kept list. Such a user's credit counts the listed part of the group only (the
+    module's tie rule); a caller reports how many users that concerns rather than hide it."""
+    group = tie_group_positions(rec_items, targets, rec_scores)
+    return group[:, -1] if group.shape[1] else np.zeros(group.shape[0], dtype=bool)
+
+
 def recall_at_k(
     rec_items: Sequence[Sequence[object]] | np.ndarray,
     targets: Sequence[object],

@@ -180,10 +180,11 @@ def test_a_tie_group_straddling_the_largest_k_is_credited_over_the_whole_kept_li
         _tied_list("tie_first", 9, range(9, 13)),
         _tied_list("tie_last", 12, range(9, 13)),
         _tied_list("no_tie", 12, range(0)),
-        _tied_list("end_tie", 20, range(19, 21)),  # the group holds the last kept rank: reported
+        _tied_list("end_tie", 20, range(19, 21)),  # a group past max(ks) that holds the last kept rank
+        _tied_list("long_tie", 9, range(9, 21)),  # from rank 9 to the list's end: may go on, reported
     ], ignore_index=True)
     cases = pd.DataFrame({"split": "test", "user_id": ["u1"], "history": [[]], "target": ["t"]})
-    info = {"models": [{"model": m} for m in ["tie_first", "tie_last", "no_tie", "end_tie"]], "skipped": []}
+    info = {"models": [{"model": m} for m in ["tie_first", "tie_last", "no_tie", "end_tie", "long_tie"]], "skipped": []}
     table, md, js = compute_metrics(recs, cases, info, PARAMS, seed=0)
     value = table.set_index(["model", "metric"])["value"]
     group_ndcg10 = (1 / np.log2(10) + 1 / np.log2(11)) / 4
@@ -193,7 +194,9 @@ def test_a_tie_group_straddling_the_largest_k_is_credited_over_the_whole_kept_li
         assert value[model, "recall@5"] == 0.0 and value[model, "ndcg@5"] == 0.0
     assert value["no_tie", "recall@10"] == 0.0 and value["no_tie", "ndcg@10"] == 0.0
     assert value["end_tie", "recall@10"] == 0.0
-    assert js["info"]["ties_at_list_end"] == {"test/end_tie": 1}
-    assert "- test/end_tie: 1" in md
+    assert value["long_tie", "recall@10"] == pytest.approx(2 / 12)
+    assert value["long_tie", "ndcg@10"] == pytest.approx((1 / np.log2(10) + 1 / np.log2(11)) / 12)
+    assert js["info"]["ties_at_list_end"] == {"test/long_tie": 1}
+    assert "- test/long_tie: 1" in md
     with pytest.raises(ValueError, match="top_k"):
         compute_metrics(recs, cases, info, {**PARAMS, "ks": [5, 30]}, seed=0)

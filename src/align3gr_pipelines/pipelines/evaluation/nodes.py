@@ -330,7 +330,7 @@ def compute_metrics(
             width = max(max(ks), int(mine["rank"].max()) if len(mine) else 0)
             items, scores = _list_matrix(mine, users, width)
             per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
-            truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores)
+            truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
         if not per_user:
             continue
         names = list(next(iter(per_user.values())))
@@ -353,7 +353,8 @@ def compute_metrics(
     scalars = {_mlflow_key(r.split, r.model, r.metric.replace("@", "_at_")): r.value for r in table.itertuples()}
     at_end = {f"{s}/{m}": int(v.sum()) for (s, m), v in truncated.items() if v.any()}
     if at_end:
-        log.info("evaluation: target tied with the last kept item (group may run past top_k): %s", at_end)
+        log.warning("evaluation: users whose target ties with the last kept item (the group may run past top_k; "
+                    "credit counts its listed part): %s", at_end)
     info = {
         "models": run_info["models"], "skipped": run_info["skipped"], "ks": ks, "beam_width": int(params["beam_width"]),
         "top_k": int(params["top_k"]), "n_users": {s: int(n) for s, n in eval_cases.groupby("split").size().items()},
@@ -385,8 +386,9 @@ def metrics_markdown(table: pd.DataFrame, info: dict[str, Any]) -> str:
         lines += [f"| {m['model']} | {m['ms_per_user']:.1f} |" for m in timing] + [""]
     if info.get("ties_at_list_end"):
         lines += ["## Ties cut by the kept list", "",
-                  f"Users whose target ties with the last of the top {info['top_k']} kept items; the group may go on "
-                  "past the list, and their credit counts its listed part only:", ""]
+                  f"Users whose target's tie group starts in the top {max(info['ks'])} and reaches the last of the "
+                  f"{info['top_k']} kept items; the group may go on past the list, and their credit counts its "
+                  "listed part only (it may be too high):", ""]
         lines += [f"- {k}: {n}" for k, n in info["ties_at_list_end"].items()] + [""]
     if info["skipped"]:
         lines += ["## Skipped", ""] + [f"- {s['model']}: {s['skipped']}" for s in info["skipped"]] + [""]

@@ -296,20 +296,19 @@ def _list_matrix(recs: pd.DataFrame, users: pd.Series, width: int) -> tuple[np.n
     row = pd.Series(np.arange(len(users)), index=users.to_numpy())
     if len(recs) and int(recs["rank"].max()) > width:
         raise ValueError(f"evaluation: a recommendation list has rank {int(recs['rank'].max())} > width {width}")
-    r = recs
-    where = row.reindex(r["user_id"].to_numpy()).to_numpy()
+    where = row.reindex(recs["user_id"].to_numpy()).to_numpy()
     ok = ~np.isnan(where)
-    rr, cc = where[ok].astype(int), r["rank"].to_numpy()[ok] - 1
-    items[rr, cc] = r["item_id"].to_numpy()[ok]
-    scores[rr, cc] = r["score"].to_numpy()[ok]
+    rr, cc = where[ok].astype(int), recs["rank"].to_numpy()[ok] - 1
+    items[rr, cc] = recs["item_id"].to_numpy()[ok]
+    scores[rr, cc] = recs["score"].to_numpy()[ok]
     return items, scores
 
 
 def compute_metrics(
     recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
-    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0), with
-    percentile-bootstrap CIs (the same resamples for every model) and a paired sign-flip permutation test
+    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0; the tie
+    rule of `metrics` applied over each whole kept list), with percentile-bootstrap CIs (the same resamples for every model) and a paired sign-flip permutation test
     against SASRec on the same users."""
     ks = [int(k) for k in params["ks"]]
     if not ks or min(ks) < 1 or max(ks) > int(params["top_k"]):

@@ -34,7 +34,7 @@ def test_changing_only_valid_targets_leaves_every_scid_unchanged(dataset, featur
     for (name, a), (_, b) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
         assert (a == b).all(), f"SASRec weights {name} depend on the valid targets"
     assert log_a["curves"]["sasrec_train_loss"] == log_b["curves"]["sasrec_train_loss"]
-    assert log_a["curves"]["sasrec_valid_recall@10"] != log_b["curves"]["sasrec_valid_recall@10"]  # the monitor did read them
+    assert log_a["curves"]["sasrec_valid_recall_at_10"] != log_b["curves"]["sasrec_valid_recall_at_10"]  # the monitor did read them
     run = tokenize(changed, features, tiny_params())
     pd.testing.assert_frame_equal(run["item_scids"], default_run["item_scids"])
     pd.testing.assert_frame_equal(run["user_scids"], default_run["user_scids"])

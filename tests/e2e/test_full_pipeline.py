@@ -123,14 +123,16 @@ def test_full_run_writes_every_stage(project: Path):
     models = set(metrics["model"])
     assert {"most_popular", "sasrec", "item_knn"} <= models
     assert any(m.startswith("sft") for m in models) and any("rf_dpo" in m for m in models)
-    # every test-split Recall@10 in the table is what the recommendations table gives, recomputed here
+    # every test-split Recall@5/10 in the table is what the recommendations table gives, recomputed here
+    # (TINY keeps top_k = 10, so Recall@10 alone would not see a wrong tie rule: @5 does)
     test = pd.read_parquet(data / "03_primary/test.parquet")
     targets = pd.Series(test["target"].astype(str).to_numpy(), index=test["user_id"].astype(str))
-    value = metrics[(metrics["split"] == "test") & (metrics["metric"] == "recall@10")].set_index("model")["value"]
-    assert set(value.index) == models
-    for model in models:
-        mine = recs[(recs["model"] == model) & (recs["split"] == "test")]
-        assert value[model] == pytest.approx(tie_aware_recall(mine, targets, 10)), model
+    for k in (5, 10):
+        value = metrics[(metrics["split"] == "test") & (metrics["metric"] == f"recall@{k}")].set_index("model")["value"]
+        assert set(value.index) == models
+        for model in models:
+            mine = recs[(recs["model"] == model) & (recs["split"] == "test")]
+            assert value[model] == pytest.approx(tie_aware_recall(mine, targets, k)), (model, k)
     assert (metrics["n_users"][metrics["split"] == "test"] == len(test)).all()
     for png in ("tokenization/codebook_usage.png", "sft_train/training_curve.png",
                 "evaluation/comparison.png"):

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 FINGERPRINT_FILE = "run_fingerprint.json"
 # Trainer settings that do not change what is trained: a rerun may change them and still resume.
-RESUME_NEUTRAL = ("output_dir", "progress_bar", "keep_checkpoints", "torch_threads")
+RESUME_NEUTRAL = ("output_dir", "progress_bar", "keep_checkpoints", "torch_threads", "launch_timeout_s")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -237,7 +237,6 @@ def train_causal_lm(
     training rows carrying ``tca_*`` fields (see `attach_tca4rec_targets`) are trained with its loss.
     """
     from transformers import EarlyStoppingCallback, Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     if not train_rows:
         raise ValueError("sft_train: no training examples left (all longer than max_length?)")
@@ -265,7 +264,7 @@ def train_causal_lm(
         callbacks=cbs,
         compute_loss_func=compute_loss_func,
     )
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    last = last_complete_checkpoint(output_dir)
     resumed = 0
     if last:
         resumed = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
@@ -606,6 +605,27 @@ def training_metrics(result: TrainResult, rec: RecLM, train_rows: list, eval_row
 # ------------------------------------------------------------------------------------- distributed
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-<step>`` the Trainer finished writing, or None. The Trainer writes
+    ``trainer_state.json`` last, so a folder without it was cut short by a kill; such folders (newer than
+    the last complete one) are removed, as resuming from them fails and the Trainer would write into them."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.split("-")[-1]), p) for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit()
+    )
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        log.warning("sft_train: %s is incomplete (no trainer_state.json; a kill while saving?): removed", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def _fit_distributed(
     rec: RecLM, train_rows: list, eval_rows: list, tcfg: dict[str, Any], seed: int, output_dir: Path, nproc: int
 ) -> tuple[RecLM, TrainResult]:
@@ -617,15 +637,49 @@ def _fit_distributed(
                                                  "output_dir": str(output_dir)}, default=str))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "align3gr_pipelines.sft_trainer", str(job)]
-    log.info("sft_train: launching %s", " ".join(cmd))
+    timeout = tcfg.get("launch_timeout_s")
+    timeout = None if timeout is None else float(timeout)
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"sft_train.trainer.launch_timeout_s must be > 0 or null, got {timeout}")
+    log.info("sft_train: launching %s (timeout %s s)", " ".join(cmd), timeout)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, env=env)
-    if done.returncode != 0 or not (job / "result.json").is_file():
-        raise RuntimeError(f"sft_train: distributed training failed (torchrun exit code {done.returncode}); see the log above")
+    # Its own process group, so that a timeout ends torchrun *and* its ranks (a hung gloo rank would
+    # otherwise outlive a killed torchrun).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _end_group(proc)
+        raise RuntimeError(
+            f"sft_train: distributed training did not finish within sft_train.trainer.launch_timeout_s={timeout:g} s; "
+            "its processes were ended (raise the limit for longer runs, or null for none)"
+        ) from None
+    except BaseException:
+        _end_group(proc)
+        raise
+    if returncode != 0 or not (job / "result.json").is_file():
+        raise RuntimeError(f"sft_train: distributed training failed (torchrun exit code {returncode}); see the log above")
     result = TrainResult(**json.loads((job / "result.json").read_text()))
     trained = RecLM.from_pretrained(str(job / "final"), device="cpu", trainable=True)
     trained.meta = rec.meta
     return trained, result
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, a grace period, then SIGKILL to the process group `proc` leads (started in a new session):
+    ranks that outlive torchrun are ended too."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _worker(job_dir: str) -> None:

@@ -66,18 +66,28 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _restore_globals() -> Iterator[None]:
-    cwd, uri = Path.cwd(), mlflow.get_tracking_uri()
-    yield
+# What a toy-project run leaves configured in this process, as found before any test ran.
+_START_CWD, _START_URI = Path.cwd(), mlflow.get_tracking_uri()
+
+
+def reset_globals() -> None:
+    """Undo what a toy-project run configures process-wide: an open MLflow run, the tracking URI, the
+    working directory and Kedro's configured package (settings, pipelines)."""
     while mlflow.active_run():
         mlflow.end_run()
-    mlflow.set_tracking_uri(uri)
-    os.chdir(cwd)
-    # Later tests in this process that use the real project must not find the toy package configured.
+    mlflow.set_tracking_uri(_START_URI)
+    os.chdir(_START_CWD)
     from kedro.framework.project import configure_project
 
     configure_project("align3gr_pipelines")
+
+
+@pytest.fixture(autouse=True)
+def _restore_globals() -> Iterator[None]:
+    # Per test, not per session: a unit test collected after these must not run with the toy project's
+    # settings or its MLflow URI still configured.
+    yield
+    reset_globals()
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +98,10 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for var in ENV_VARS:  # never log the fixture's run to a server configured in the caller's shell
             mp.delenv(var, raising=False)
         mp.chdir(project)  # mlflow.yml's sqlite:///mlflow.db is relative to the working directory
-        run_project(project)
+        try:
+            run_project(project)
+        finally:
+            reset_globals()  # built inside some test's setup; leave nothing configured for the others
     return project
 
 

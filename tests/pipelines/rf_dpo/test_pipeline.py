@@ -76,7 +76,16 @@ def test_level_report(world, progressive):
     n_train = int((world.feedback["split"] == "train").sum())
     assert sum(info["level_counts"].values()) == n_train
     assert info["n_review_sentiment"] > 0 and info["source_counts"]["review_sentiment"] == info["n_review_sentiment"]
-    assert 0 <= info["sentiment"]["agreement_with_ratings"]["accuracy"] <= 1
+    # the scorer was checked on the training-period reviews that carry a rating (at most check_on_rated)
+    agree = info["sentiment"]["agreement_with_ratings"]
+    inter, fb = world.interactions, world.feedback
+    train_pairs = set(zip(fb.loc[fb["split"] == "train", "user_id"], fb.loc[fb["split"] == "train", "item_id"]))
+    rated = inter[inter["rating"].notna() & inter["review"].notna()]
+    n_rated = sum((u, i) in train_pairs for u, i in zip(rated["user_id"], rated["item_id"]))
+    assert agree["n_reviews"] == min(20, n_rated) > 0
+    cells = [n for row in agree["confusion"].values() for n in row.values()]
+    diagonal = sum(agree["confusion"][lv][lv] for lv in agree["confusion"])
+    assert sum(cells) == agree["n_reviews"] and agree["accuracy"] == pytest.approx(diagonal / agree["n_reviews"])
     levels = progressive.load("rf_dpo_feedback_levels")
     assert levels[levels["source"] == "review_sentiment"]["level"].eq("liked").all()
 

@@ -287,7 +287,8 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
 
 def test_distributed_data_parallel_two_cpu_processes(tmp_path, toy, examples):
     """torchrun with 2 gloo ranks on CPU; the caller gets rank 0's model, ranks never touch the catalog."""
-    params = tiny_train_params(tmp_path / "work", max_steps=4, eval_steps=2, nproc_per_node=2, keep_checkpoints=True)
+    params = tiny_train_params(tmp_path / "work", max_steps=4, eval_steps=2, nproc_per_node=2, keep_checkpoints=True,
+                               launch_timeout_s=300)
     rec, metrics = fit_sft(examples, toy["item_scids"], toy["user_scids"], params, seed=0)
     assert metrics["info"]["world_size"] == 2
     assert metrics["scalars"]["global_step"] == 4

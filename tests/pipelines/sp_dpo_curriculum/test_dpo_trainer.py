@@ -96,8 +96,15 @@ def test_a_policy_saved_with_activation_checkpointing_still_trains(world):
     model = __import__("copy").deepcopy(world.policy.model)
     model.gradient_checkpointing_enable()
     policy = RecLM(model=model, tokenizer=world.policy.tokenizer, meta=world.policy.meta)
-    _, metrics = train_stage(policy, _random_pairs(world, n=4), DPOConfig(batch_size=4, **QUIET), 0, "s", "r")
+    pairs = _random_pairs(world, n=4)
+    new, metrics = train_stage(policy, pairs, DPOConfig(batch_size=4, **QUIET), 0, "s", "r")
+    plain, plain_metrics = train_stage(world.policy, pairs, DPOConfig(batch_size=4, **QUIET), 0, "s", "r")
     assert metrics["scalars"]["optimizer_steps"] == 1
+    # it trained (the weights moved), and exactly as the same step without checkpointing does
+    assert weights_fingerprint(new.model) != weights_fingerprint(world.policy.model)
+    assert metrics["scalars"]["initial_loss"] == pytest.approx(plain_metrics["scalars"]["initial_loss"], rel=1e-5)
+    for (name, p), (_, q) in zip(new.model.named_parameters(), plain.model.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=f"checkpointed step differs at {name}")
 
 
 def test_pass_through_marks_skipped(world):

@@ -80,7 +80,8 @@ def test_curriculum_pairs_follow_their_bucket(world, curriculum):
             for r, o in zip(row.rejected, row.overlap):
                 assert lo <= o <= hi and o == int(shared_prefix_length(codes[pos[r]], codes[pos[row.chosen]]))
         users[s] = set(pairs["prompt"])
-    assert not users["easy"] & users["medium"]  # disjoint prompt subsets per stage
+    for a, b in (("easy", "medium"), ("easy", "hard"), ("medium", "hard")):
+        assert not users[a] & users[b], f"{a} and {b} share prompts"  # disjoint prompt subsets per stage
 
 
 @pytest.mark.parametrize("mode", ["no_curriculum", "random"])

@@ -178,6 +178,22 @@ def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return out
 
 
+def catalog_entry(catalog: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """A dataset's catalog entry, exact or from a factory pattern like "sp_dpo_model_{stage}" (placeholders
+    filled in, as Kedro's dataset factories do)."""
+    if name in catalog:
+        return catalog[name]
+    for pattern, entry in catalog.items():
+        if "{" not in pattern:
+            continue
+        regex = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>.+)", re.escape(pattern))
+        m = re.fullmatch(regex, name)
+        if m:
+            fill = lambda v: v.format(**m.groupdict()) if isinstance(v, str) else v  # noqa: E731
+            return {k: fill(v) for k, v in entry.items()}
+    return None
+
+
 def _param(params: dict[str, Any], dotted: str) -> Any:
     node: Any = params
     for part in dotted.split("."):
@@ -293,8 +309,9 @@ class Study:
         if not self.args.data_root:
             raise SystemExit("--cached-stages needs --data-root (a Kedro data root, e.g. data/ml_latest_small)")
         outputs = {o for n in stage_nodes(stage) for o in n.outputs}
-        return {o: load_cached(o, self.catalog[o], self.args.data_root, self.default_root)
-                for o in sorted(outputs) if o in self.catalog and not self.catalog[o].get("type", "").endswith("MatplotlibDataset")}
+        entries = {o: catalog_entry(self.catalog, o) for o in sorted(outputs)}
+        return {o: load_cached(o, e, self.args.data_root, self.default_root)
+                for o, e in entries.items() if e is not None and not e.get("type", "").endswith("MatplotlibDataset")}
 
     def _run_stage(self, stage: str, params: dict[str, Any], values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         torch = self.torch
@@ -314,7 +331,7 @@ class Study:
                     # Kedro hands each node a fresh copy (a reloaded checkpoint or a MemoryDataset copy); a DPO
                     # stage must not train the object evaluation reads as the SFT model.
                     args.append(value.copy() if hasattr(value, "to_parquet") else copy.deepcopy(value))
-                elif self.catalog.get(name, {}).get("optional"):
+                elif (catalog_entry(self.catalog, name) or {}).get("optional"):
                     args.append(None)
                 else:
                     raise KeyError(f"stage {stage}, node {n.name}: input {name!r} is neither computed nor cached")

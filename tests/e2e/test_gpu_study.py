@@ -81,5 +81,10 @@ def test_cached_stage_outputs_are_read_through_the_catalog(tmp_path):
     pd.testing.assert_frame_equal(gpu_study.load_cached("items", catalog["items"], str(tmp_path), root), table)
     # an optional checkpoint that was never written reads as None (as the catalog's `optional: true` says)
     assert gpu_study.load_cached("sasrec_model", catalog["sasrec_model"], str(tmp_path), root) is None
+    # dataset factories ("sp_dpo_model_{stage}") resolve as Kedro resolves them
+    entry = gpu_study.catalog_entry(catalog, "sp_dpo_model_easy")
+    assert entry["path"].endswith("06_models/sp_dpo_easy") and entry["optional"]
+    assert gpu_study.load_cached("sp_dpo_model_easy", entry, str(tmp_path), root) is None
+    assert gpu_study.catalog_entry(catalog, "no_such_dataset") is None
     with pytest.raises(FileNotFoundError, match="sc_tokenizer"):
         gpu_study.load_cached("sc_tokenizer", catalog["sc_tokenizer"], str(tmp_path), root)

@@ -120,6 +120,10 @@ def build_scratch(texts: Iterable[str], scid_tokens: Sequence[str], cfg: dict[st
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if config.tie_word_embeddings:
+        # The head is the embedding matrix, so checkpoints hold it once. Saying so lets the HF Trainer re-tie
+        # it when it reloads the best checkpoint, instead of warning "missing keys: ['lm_head.weight']".
+        model._keys_to_ignore_on_save = ["lm_head.weight"]
     log.info("scratch backbone: %d text + %d SCID tokens, %.2fM parameters", n_text, len(scid_tokens),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model, tok

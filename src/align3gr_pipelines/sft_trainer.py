@@ -173,6 +173,9 @@ def training_arguments(cfg: dict[str, Any], output_dir: str, seed: int) -> Any:
 
     device = pick_device(cfg.get("device", "auto"))
     eval_steps = int(cfg["eval_steps"])
+    warmup = float(cfg["warmup_ratio"])
+    if not 0.0 <= warmup < 1.0:  # as warmup_steps, 1 or more would silently mean a step count
+        raise ValueError(f"sft_train.trainer.warmup_ratio must be in [0, 1), got {warmup}")
     return TrainingArguments(
         output_dir=output_dir,
         per_device_train_batch_size=int(cfg["batch_size"]),
@@ -187,8 +190,10 @@ def training_arguments(cfg: dict[str, Any], output_dir: str, seed: int) -> Any:
         max_grad_norm=float(cfg.get("max_grad_norm", 1.0)),
         optim="adamw_torch",
         lr_scheduler_type=cfg["lr_scheduler_type"],
-        warmup_steps=float(cfg["warmup_ratio"]),
+        # transformers >= 5 reads a warmup_steps below 1 as a fraction of all steps (warmup_ratio is deprecated).
+        warmup_steps=warmup,
         bf16=_bf16(cfg.get("bf16", "auto")),
+        # transformers >= 5.23 (gradient_checkpointing is its deprecated alias); pyproject's floor says so.
         activation_checkpointing=bool(cfg.get("gradient_checkpointing", False)),
         activation_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=int(cfg["logging_steps"]),

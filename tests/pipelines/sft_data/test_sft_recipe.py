@@ -112,7 +112,7 @@ def test_ml_latest_small_lm_sees_as_much_history_as_the_baselines():
     assert lm == baselines
 
 
-def test_seq_eval_prompts_show_max_history_items(tables):
+def test_seq_eval_prompts_show_max_history_items():
     t = make_tables(n_users=6, n_items=60, min_len=28, max_len=30, seed=5)
     prompts = build_seq_eval_prompts(t["valid"], t["test"], t["item_scids"], t["user_scids"], params(max_history=20))
     n_items = [sum(1 for tok in split_tokens(p) if tok.startswith("<i0_")) for p in prompts["prompt"]]

@@ -55,6 +55,9 @@ def run(tiny_data, root, present: set[str], tmp_path, params=PARAMS):
         path = root / dataset if dataset in present else tmp_path / f"never_run_{dataset}"
         datasets[dataset] = CheckpointDataset(str(path), "align3gr_pipelines.rec_lm.RecLM", load_args={"device": "cpu"}, optional=True)
     datasets["sasrec_model"] = CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.sasrec.SASRec", optional=True)
+    # report_preference_stages reads the held-out targets' feedback levels (issue 15)
+    held = [tiny_data[s].assign(split=s, level="liked") for s in ("valid", "test")]
+    datasets["feedback"] = MemoryDataset(pd.concat(held).rename(columns={"target": "item_id"})[["user_id", "item_id", "split", "level"]])
     datasets["params:evaluation"] = MemoryDataset(params)
     datasets["params:seed"] = MemoryDataset(7)
     for name in OUTPUTS:

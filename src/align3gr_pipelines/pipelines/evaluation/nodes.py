@@ -418,3 +418,19 @@ def plot_comparison(evaluation_metrics: pd.DataFrame) -> Figure:
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
+
+
+def report_preference_stages(
+    recommendations: pd.DataFrame, eval_cases: pd.DataFrame, feedback: pd.DataFrame, params: dict[str, Any], seed: int
+) -> tuple[dict[str, Any], str]:
+    """Per LM stage: share of top-K lists changed vs its input policy, Recall@K by the target's feedback
+    level, paired Δ vs its input and vs SFT (align3gr_pipelines.stage_report)."""
+    from align3gr_pipelines import stage_report
+
+    k = int(params.get("stage_report_k", 10))
+    boot, perm = params.get("bootstrap", {}) or {}, params.get("paired_test", {}) or {}
+    report = stage_report.stage_report(
+        recommendations, eval_cases, feedback, k, n_bootstrap=int(boot.get("n_resamples", 1000)),
+        n_permutations=int(perm.get("n_permutations", 10000)), seed=int(seed),
+    )
+    return report, stage_report.report_markdown(report, k)

@@ -15,6 +15,7 @@ from .nodes import (
     recommend_item_knn,
     recommend_most_popular,
     recommend_sasrec,
+    report_preference_stages,
 )
 
 
@@ -45,5 +46,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(compute_metrics, ["recommendations", "eval_cases", "eval_run_info", params, "params:seed"],
                  ["evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json"], name="compute_evaluation_metrics"),
             node(plot_comparison, "evaluation_metrics", "evaluation_comparison_plot", name="plot_evaluation_comparison"),
+            node(report_preference_stages, ["recommendations", "eval_cases", "feedback", params, "params:seed"],
+                 ["evaluation_stage_report", "evaluation_stage_report_md"], name="report_preference_stages"),
         ],
     )

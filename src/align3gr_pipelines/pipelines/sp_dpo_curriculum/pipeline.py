@@ -21,13 +21,15 @@ def create_pipeline(**kwargs) -> Pipeline:
         nodes += [
             Node(
                 _for_stage(build_self_play_pairs, stage),
-                inputs=[policy, "sft_examples", "item_scids", "params:sp_dpo_curriculum", "params:seed"],
-                outputs=f"sp_dpo_pairs_{stage}",
+                inputs=[policy, "sft_examples", "train_sequences", "item_scids", "user_scids", "params:sp_dpo_curriculum",
+                        "params:seed"],
+                outputs=[f"sp_dpo_pairs_{stage}", f"sp_dpo_mining_{stage}"],
                 name=f"build_sp_dpo_pairs_{stage}",
             ),
             Node(
                 _for_stage(train_self_play_stage, stage),
-                inputs=[policy, f"sp_dpo_pairs_{stage}", "item_scids", "params:sp_dpo_curriculum", "params:seed"],
+                inputs=[policy, f"sp_dpo_pairs_{stage}", f"sp_dpo_mining_{stage}", "item_scids", "seq_eval_prompts",
+                        "params:sp_dpo_curriculum", "params:seed"],
                 outputs=[f"sp_dpo_model_{stage}", f"sp_dpo_metrics_{stage}", f"sp_dpo_plot_{stage}"],
                 name=f"train_sp_dpo_{stage}",
             ),

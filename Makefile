@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/kedro run --pipeline=full
+	$(BIN)/kedro run --pipelines=full
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests

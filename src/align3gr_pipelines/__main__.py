@@ -5,8 +5,11 @@ from pathlib import Path
 from kedro.framework.cli.utils import find_run_command
 from kedro.framework.project import configure_project
 
+from align3gr_pipelines import warning_filters
+
 
 def main(*args, **kwargs):
+    warning_filters.install()
     package_name = Path(__file__).parent.name
     configure_project(package_name)
     interactive = hasattr(sys, "ps1")

@@ -117,9 +117,16 @@ def build_scratch(texts: Iterable[str], scid_tokens: Sequence[str], cfg: dict[st
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         use_cache=False,
+        # The HF Llama has dropout on attention probabilities only (no embedding/residual/MLP dropout);
+        # weight decay is the trainer's (sft_train.trainer.weight_decay).
+        attention_dropout=float(cfg.get("attention_dropout") or 0.0),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if config.tie_word_embeddings:
+        # The head is the embedding matrix, so checkpoints hold it once. Saying so lets the HF Trainer re-tie
+        # it when it reloads the best checkpoint, instead of warning "missing keys: ['lm_head.weight']".
+        model._keys_to_ignore_on_save = ["lm_head.weight"]
     log.info("scratch backbone: %d text + %d SCID tokens, %.2fM parameters", n_text, len(scid_tokens),
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model, tok

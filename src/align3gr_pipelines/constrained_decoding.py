@@ -235,6 +235,18 @@ def _base_forward_params(model: Any) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes a KV cache: transformers >= 5.24 calls it ``cache`` and deprecates
+    ``past_key_values`` (removed in 5.40); earlier 5.x releases only know ``past_key_values``."""
+    return "cache" if "cache" in _base_forward_params(model) else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache (a transformers ``Cache`` object) a forward with ``use_cache=True`` returned, read under the
+    field name of the installed release, so no deprecated alias is touched."""
+    return out["cache"] if "cache" in out.keys() else out["past_key_values"]
+
+
 def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -251,10 +263,8 @@ def _left_pad(prompts: list[list[int]], pad_token_id: int, device: torch.device)
 
 
 def _reorder(past: Any, index: torch.Tensor) -> Any:
-    if hasattr(past, "reorder_cache"):
-        past.reorder_cache(index)
-        return past
-    return tuple(tuple(t.index_select(0, index) for t in layer) for layer in past)  # legacy tuple cache
+    past.reorder_cache(index)  # transformers 5 always returns a Cache object (DynamicCache for our models)
+    return past
 
 
 class _Stepper:
@@ -265,6 +275,7 @@ class _Stepper:
     def __init__(self, model: Any):
         self.model = model
         self.keep_last = "logits_to_keep" in _base_forward_params(model)
+        self.cache_arg = cache_argument(model)
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         self.mask = mask
@@ -273,7 +284,7 @@ class _Stepper:
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         kw = {"logits_to_keep": 1} if self.keep_last else {}
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **kw)
-        self.past = out.past_key_values
+        self.past = output_cache(out)
         return torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
     def select(self, rows: torch.Tensor) -> None:
@@ -288,8 +299,8 @@ class _Stepper:
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], t)], dim=1)
         pos = self.next_pos + torch.arange(t, device=tokens.device)
         self.next_pos = self.next_pos + t
-        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos, past_key_values=self.past, use_cache=True)
-        self.past = out.past_key_values
+        out = self.model(input_ids=tokens, attention_mask=self.mask, position_ids=pos, use_cache=True, **{self.cache_arg: self.past})
+        self.past = output_cache(out)
         return torch.log_softmax(out.logits.float(), dim=-1)
 
     def advance(self, parent: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -324,9 +335,9 @@ class _TreeStepper(_Stepper):
         pos = (self.next_pos + self.level).expand(b, k)  # siblings share a position: each is the next token
         self.level += 1
         out = self.model(
-            input_ids=tokens, attention_mask=bias.unsqueeze(1), position_ids=pos, past_key_values=self.past, use_cache=True
+            input_ids=tokens, attention_mask=bias.unsqueeze(1), position_ids=pos, use_cache=True, **{self.cache_arg: self.past}
         )
-        self.past = out.past_key_values
+        self.past = output_cache(out)
         return torch.log_softmax(out.logits.float(), dim=-1)
 
 

@@ -42,6 +42,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from align3gr_pipelines.constrained_decoding import cache_argument, output_cache
 from align3gr_pipelines.rec_lm import RecLM, encode_prompt, encode_response, pick_device
 from align3gr_pipelines.softmax_dpo import softmax_dpo_loss
 
@@ -203,14 +204,14 @@ def sequence_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     flat = resp.view(b * c, r)
     logp = first.repeat_interleave(c, dim=0).gather(-1, flat[:, :1])  # [B*C, 1]
     if r > 1:
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_repeat_interleave(c)
         lengths = prompt_mask.sum(-1).repeat_interleave(c)
         rpos = lengths.unsqueeze(1) + torch.arange(r - 1, device=resp.device)
         # Padded tail tokens of shorter responses are masked out of the sum below; they never influence
         # earlier (real) tokens because attention is causal, so the attention mask can stay all-ones there.
         mask = torch.cat([prompt_mask.repeat_interleave(c, dim=0), torch.ones_like(flat[:, :-1])], dim=1)
-        out2 = model(input_ids=flat[:, :-1], attention_mask=mask, position_ids=rpos, past_key_values=cache, use_cache=True)
+        out2 = model(input_ids=flat[:, :-1], attention_mask=mask, position_ids=rpos, use_cache=True, **{cache_argument(model): cache})
         rest = torch.log_softmax(out2.logits.float(), dim=-1).gather(-1, flat[:, 1:].unsqueeze(-1)).squeeze(-1)
         logp = torch.cat([logp, rest], dim=1)
     return (logp * resp_mask.view(b * c, r)).sum(-1).view(b, c)

@@ -89,7 +89,9 @@ class ResidualQuantizer(nn.Module):
     @torch.no_grad()
     def init_kmeans(self, z: torch.Tensor, iters: int = 25, generator: torch.Generator | None = None) -> None:
         """Fit level l's codebook by k-means on the residuals left by levels < l."""
-        r = z.detach().float()
+        # Once per training run, on the CPU: its k-means++ draws come from a CPU generator, and this way a GPU
+        # run starts from exactly the codebooks a CPU run would.
+        r = z.detach().float().cpu()
         for level in range(self.levels):
             book = kmeans(r, self.codebook_size, iters, generator)
             self.codebooks[level].copy_(book)

@@ -197,41 +197,48 @@ def fit_sasrec(
     seed: int = 0,
     eval_every: int = 0,
     evaluate: Callable[[SASRec], dict[str, float]] | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Next-item training with the full softmax over the catalogue at every position of every window.
 
     Returns ``{"curves": {...}, "scalars": {...}}``; ``evaluate(model)`` (e.g. valid recall) is logged every
     ``eval_every`` epochs and at the end, never used to pick a model.
     """
+    from align3gr_pipelines.devices import bf16_autocast, resolve_device
+
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU, so a GPU run sees the same batches
+    device = resolve_device(device)
     model.to(device)
     idx = [[model.item_index[str(i)] for i in s if str(i) in model.item_index] for s in sequences]
     windows = _windows(idx, model.max_len)
     if not windows:
         raise ValueError("SASRec: no training sequence has two or more known items; check train_sequences")
-    data = _pad_left(windows, model.max_len + 1)
+    data = _pad_left(windows, model.max_len + 1).to(device)  # small: one copy, then only indexing
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     curves: dict[str, list[list[float]]] = {"sasrec_train_loss": []}
     step = 0
     for epoch in tqdm(range(1, epochs + 1), desc="SASRec", unit="epoch"):
         model.train()
-        order = torch.randperm(len(data), generator=gen)
-        total, count = 0.0, 0
+        order = torch.randperm(len(data), generator=gen).to(device)
+        # Loss sums stay on the device: one sync per epoch, not one per step.
+        total = torch.zeros((), device=device)
+        count = torch.zeros((), dtype=torch.long, device=device)
         for start in range(0, len(data), batch_size):
-            batch = data[order[start : start + batch_size]].to(device)
+            batch = data[order[start : start + batch_size]]
             inputs, labels = batch[:, :-1], batch[:, 1:]
-            h = model(inputs)
             mask = (inputs > 0) & (labels > 0)
-            logits = h[mask] @ model.item_embeddings().T
-            loss = F.cross_entropy(logits, labels[mask] - 1)
+            with bf16_autocast(device):
+                h = model(inputs)
+                logits = h[mask] @ model.item_embeddings().T
+            loss = F.cross_entropy(logits.float(), labels[mask] - 1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            total, count = total + loss.item() * int(mask.sum()), count + int(mask.sum())
-        curves["sasrec_train_loss"].append([epoch, total / max(count, 1)])
+            n = mask.sum()
+            total, count = total + loss.detach() * n, count + n
+        curves["sasrec_train_loss"].append([epoch, float(total / count.clamp(min=1))])
         if evaluate is not None and eval_every and (epoch % eval_every == 0 or epoch == epochs):
             for name, value in evaluate(model).items():
                 curves.setdefault(f"sasrec_valid_{name}", []).append([epoch, float(value)])

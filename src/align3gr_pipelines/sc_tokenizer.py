@@ -162,10 +162,18 @@ def fit_sc_tokenizer(
     dead_code_window: int = 50,
     log_every: int = 10,
     seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Train in place; returns ``{"curves": {name: [[step, value]]}, "scalars": {...}}``."""
+    """Train in place on ``device`` (the tokenizer is left there); returns ``{"curves": {name: [[step, value]]},
+    "scalars": {...}}``. Sampling uses a CPU generator, so every device draws the same batches; the encoders
+    and RQ-VAEs stay in fp32 (nearest-codeword choices are what bf16 would perturb, and the MLPs are small)."""
+    from align3gr_pipelines.devices import resolve_device
+
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
+    device = resolve_device(device)
+    tok.to(device)
+    data = U2IData(*(t.to(device) for t in (data.item_x, data.user_x, data.pairs, data.eval_users, data.eval_pos, data.eval_neg)))
     c = tok.config
     temperature = float(c["temperature"])
     curves: dict[str, list[list[float]]] = {}
@@ -198,14 +206,14 @@ def fit_sc_tokenizer(
         tok.train()
         bar = tqdm(total=total_steps, desc=f"SC tokenizer {name}", unit="step")
         for epoch in range(1, epochs + 1):
-            order = torch.randperm(len(data.pairs), generator=gen)
+            order = torch.randperm(len(data.pairs), generator=gen).to(device)
             for b in range(steps_per_epoch):
                 parts: dict[str, torch.Tensor] = {}
                 residuals: dict[str, torch.Tensor] = {}
-                loss = torch.zeros(())
+                loss = torch.zeros((), device=device)
                 if alpha > 0:
                     batch = data.pairs[order[b * batch_size : (b + 1) * batch_size]]
-                    neg_index = torch.randint(len(data.item_x), (n_random_negatives,), generator=gen)
+                    neg_index = torch.randint(len(data.item_x), (n_random_negatives,), generator=gen).to(device)
                     parts["u2i_loss"] = u2i_loss(
                         tok.user_encoder(data.user_x[batch[:, 0]]),
                         tok.item_encoder(data.item_x[batch[:, 1]]),
@@ -217,7 +225,7 @@ def fit_sc_tokenizer(
                     loss = loss + alpha * parts["u2i_loss"]
                 if gamma > 0:
                     for side in sides:
-                        idx = torch.randint(len(feats[side]), (rq_batch_size,), generator=gen)
+                        idx = torch.randint(len(feats[side]), (rq_batch_size,), generator=gen).to(device)
                         x = feats[side][idx]
                         out = tok.rq(side)(tok.encoder(side)(x), target=x)
                         parts[f"{side}_recon_loss"], parts[f"{side}_vq_loss"] = out.recon_loss, out.vq_loss
@@ -234,11 +242,11 @@ def fit_sc_tokenizer(
                         scalars[f"dead_codes_restarted_{side}"] += tok.rq(side).quantizer.restart_dead_codes(residuals[side], gen)
                 step += 1
                 bar.update(1)
-                for k, v in parts.items():
-                    running.setdefault(k, []).append(float(v.detach()))
+                for k, v in parts.items():  # kept on the device: one sync per log point, not per step
+                    running.setdefault(k, []).append(v.detach())
                 if step % log_every == 0 or b == steps_per_epoch - 1:
                     for k, vals in running.items():
-                        log(f"{name}_{k}", float(np.mean(vals)))
+                        log(f"{name}_{k}", float(np.mean(torch.stack(vals).double().cpu().numpy())))
                     running.clear()
             auc = _auc(tok, data)
             log(f"{name}_auc", auc)

@@ -40,7 +40,9 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_encoder(name_or_path: str, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_model_path(name_or_path), device=device)
+    from align3gr_pipelines.devices import resolve_device
+
+    return SentenceTransformer(resolve_model_path(name_or_path), device=str(resolve_device(device)))
 
 
 def clean_texts(texts: Sequence[object], what: str) -> list[str]:
@@ -61,14 +63,18 @@ def encode_texts(
     model=None,
 ) -> np.ndarray:
     """Embed ``texts`` in batches (with a progress bar) -> float32 array [len(texts), dim]."""
+    from align3gr_pipelines.devices import bf16_autocast
+
     model = model if model is not None else load_encoder(model_name_or_path, device)
     if len(texts) == 0:
         return np.zeros((0, model.get_sentence_embedding_dimension()), dtype=np.float32)
-    emb = model.encode(
-        list(texts),
-        batch_size=batch_size,
-        show_progress_bar=True,
-        convert_to_numpy=True,
-        normalize_embeddings=normalize,
-    )
-    return np.asarray(emb, dtype=np.float32)
+    # On a GPU the batches stay on the device (one copy back at the end) and run under bf16 autocast.
+    with bf16_autocast(model.device):
+        emb = model.encode(
+            list(texts),
+            batch_size=batch_size,
+            show_progress_bar=True,
+            convert_to_tensor=True,
+            normalize_embeddings=normalize,
+        )
+    return emb.float().cpu().numpy()

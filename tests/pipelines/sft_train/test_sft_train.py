@@ -266,7 +266,7 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
     catalog = DataCatalog(datasets={
         **{name: MemoryDataset(toy[name]) for name in INPUTS},
         "params:sft_data": MemoryDataset(data_params),
-        "params:sft_train": MemoryDataset(tiny_train_params(tmp_path / "work")),
+        "params:sft_train": MemoryDataset(tiny_train_params(tmp_path / "work", model_selection={"metric": "valid_recall", "n_users": 8})),
         "params:seed": MemoryDataset(42),
         "sft_examples": MemoryDataset(),
         "seq_eval_prompts": MemoryDataset(),
@@ -282,6 +282,9 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"scalars", "curves", "info"}
     assert metrics["curves"]["train_loss"] and metrics["curves"]["eval_loss"]
+    # selection by valid recall: its curve sits beside the loss, one point per evaluation
+    assert [s for s, _ in metrics["curves"]["valid_recall@10"]] == [s for s, _ in metrics["curves"]["eval_loss"]]
+    assert metrics["info"]["model_selection"] == "eval_recall@10"
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 

@@ -94,7 +94,7 @@ def test_a_policy_saved_with_activation_checkpointing_still_trains(world):
     from align3gr_pipelines.rec_lm import RecLM
 
     model = __import__("copy").deepcopy(world.policy.model)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     policy = RecLM(model=model, tokenizer=world.policy.tokenizer, meta=world.policy.meta)
     pairs = _random_pairs(world, n=4)
     new, metrics = train_stage(policy, pairs, DPOConfig(batch_size=4, **QUIET), 0, "s", "r")

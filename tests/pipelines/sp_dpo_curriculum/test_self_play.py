@@ -123,6 +123,44 @@ def test_sample_prompts_rejects_bad_input(world):
     assert len(prompts) == len(seq_train)
 
 
+# A hand-made catalogue of 3-level codes; overlaps are with item a = (0, 0, 0).
+HAND_IDS = list("abcdefgh")
+HAND_CODES = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 2], [1, 1, 1], [0, 1, 1], [2, 0, 0]])
+#                            a: self     b: 2       c: 1       d: 0       e: 2       f: 0       g: 1       h: 0
+
+
+def _hand_pairs(quotas, targets=("a",), candidates=None):
+    import pandas as pd
+
+    prompts = pd.DataFrame({"prompt": [f"p{k}" for k in range(len(targets))], "user_id": "u", "target_item_id": list(targets)})
+    pos = {iid: i for i, iid in enumerate(HAND_IDS)}
+    cands = np.array([[pos[x] if x else -1 for x in row] for row in candidates])
+    tokens = [f"<{i}>" for i in HAND_IDS]
+    return build_pairs(prompts, HAND_IDS, HAND_CODES, tokens, cands, quotas, 0, np.random.default_rng(0))
+
+
+def test_build_pairs_by_hand():
+    beams = [["e", "a", "g", "d", "b", None]]  # the policy's ranked candidates for target a
+    # hard (overlap 2): the generated e then b, in beam order; nothing to fill
+    pairs, stats = _hand_pairs([Quota(2, 2, 2)], candidates=beams)
+    row = pairs.iloc[0]
+    assert list(row.rejected) == ["e", "b"] and list(row.overlap) == [2, 2]
+    assert (row.n_generated, row.filled) == (2, 0) and list(row.rejected_tokens) == ["<e>", "<b>"]
+    # medium (overlap 1), 3 wanted: the generated g, then c, the only other overlap-1 item, from the fill
+    row = _hand_pairs([Quota(1, 1, 3)], candidates=beams)[0].iloc[0]
+    assert list(row.rejected) == ["g", "c"] and (row.n_generated, row.filled) == (1, 1)
+    # easy (overlap 0), 2 wanted: the generated d, then one of f, h (random fill)
+    row = _hand_pairs([Quota(0, 0, 2)], candidates=beams)[0].iloc[0]
+    assert row.rejected[0] == "d" and row.rejected[1] in {"f", "h"} and (row.n_generated, row.filled) == (1, 1)
+    # mixed: one per bucket, each from the beams, in quota order
+    row = _hand_pairs(mixed_quotas(3, 3, 3), candidates=beams)[0].iloc[0]
+    assert list(row.rejected) == ["d", "g", "e"] and list(row.overlap) == [0, 1, 2] and row.filled == 0
+    # another target: overlaps are taken against it (d = (1, 0, 0): f shares 1 level, h and a none)
+    row = _hand_pairs([Quota(0, 0, 2)], targets=("d",), candidates=[["f", "h", "a", "d"]])[0].iloc[0]
+    assert list(row.rejected) == ["h", "a"] and row.filled == 0
+    assert stats["n_rejected_generated"] == 2 and stats["n_rejected_filled"] == 0
+
+
 # ---------------------------------------------------------------- mining: filled share, exact scoring, similarity buckets
 
 
@@ -200,41 +238,3 @@ def test_transition_prompts_skip_the_sft_seq_targets():
     assert len(prompts) > 0 and info["transitions_that_were_sft_seq"] == len(used)
     assert not used & set(zip(prompts["user_id"], prompts["target_item_id"]))
     assert len(prompts) + len(used) == len(world.train_sequences)
-
-
-# A hand-made catalogue of 3-level codes; overlaps are with item a = (0, 0, 0).
-HAND_IDS = list("abcdefgh")
-HAND_CODES = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 2], [1, 1, 1], [0, 1, 1], [2, 0, 0]])
-#                            a: self     b: 2       c: 1       d: 0       e: 2       f: 0       g: 1       h: 0
-
-
-def _hand_pairs(quotas, targets=("a",), candidates=None):
-    import pandas as pd
-
-    prompts = pd.DataFrame({"prompt": [f"p{k}" for k in range(len(targets))], "user_id": "u", "target_item_id": list(targets)})
-    pos = {iid: i for i, iid in enumerate(HAND_IDS)}
-    cands = np.array([[pos[x] if x else -1 for x in row] for row in candidates])
-    tokens = [f"<{i}>" for i in HAND_IDS]
-    return build_pairs(prompts, HAND_IDS, HAND_CODES, tokens, cands, quotas, 0, np.random.default_rng(0))
-
-
-def test_build_pairs_by_hand():
-    beams = [["e", "a", "g", "d", "b", None]]  # the policy's ranked candidates for target a
-    # hard (overlap 2): the generated e then b, in beam order; nothing to fill
-    pairs, stats = _hand_pairs([Quota(2, 2, 2)], candidates=beams)
-    row = pairs.iloc[0]
-    assert list(row.rejected) == ["e", "b"] and list(row.overlap) == [2, 2]
-    assert (row.n_generated, row.filled) == (2, 0) and list(row.rejected_tokens) == ["<e>", "<b>"]
-    # medium (overlap 1), 3 wanted: the generated g, then c, the only other overlap-1 item, from the fill
-    row = _hand_pairs([Quota(1, 1, 3)], candidates=beams)[0].iloc[0]
-    assert list(row.rejected) == ["g", "c"] and (row.n_generated, row.filled) == (1, 1)
-    # easy (overlap 0), 2 wanted: the generated d, then one of f, h (random fill)
-    row = _hand_pairs([Quota(0, 0, 2)], candidates=beams)[0].iloc[0]
-    assert row.rejected[0] == "d" and row.rejected[1] in {"f", "h"} and (row.n_generated, row.filled) == (1, 1)
-    # mixed: one per bucket, each from the beams, in quota order
-    row = _hand_pairs(mixed_quotas(3, 3, 3), candidates=beams)[0].iloc[0]
-    assert list(row.rejected) == ["d", "g", "e"] and list(row.overlap) == [0, 1, 2] and row.filled == 0
-    # another target: overlaps are taken against it (d = (1, 0, 0): f shares 1 level, h and a none)
-    row = _hand_pairs([Quota(0, 0, 2)], targets=("d",), candidates=[["f", "h", "a", "d"]])[0].iloc[0]
-    assert list(row.rejected) == ["h", "a"] and row.filled == 0
-    assert stats["n_rejected_generated"] == 2 and stats["n_rejected_filled"] == 0

@@ -12,7 +12,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 train_sft_model,
-                inputs=["sft_examples", "item_scids", "user_scids", "sasrec_model", "params:sft_train", "params:seed"],
+                inputs=["sft_examples", "item_scids", "user_scids", "sasrec_model", "params:sft_train", "params:seed",
+                        "seq_eval_prompts"],
                 outputs=["sft_model", "sft_train_metrics"],
                 name="train_sft_model",
             ),

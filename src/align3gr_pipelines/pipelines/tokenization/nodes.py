@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from align3gr_pipelines.devices import resolve_device  # noqa: E402
 from align3gr_pipelines.rq_vae import effective_codebook_size, usage_stats  # noqa: E402
 from align3gr_pipelines.sasrec import SASRec, cf_item_table, fit_sasrec, recall_ndcg, training_sequences  # noqa: E402
 from align3gr_pipelines.sc_tokenizer import SCTokenizer, U2IData, fit_sc_tokenizer, sample_eval_negatives  # noqa: E402
@@ -98,7 +99,7 @@ def embed_semantics(items: pd.DataFrame, users: pd.DataFrame, params: dict[str, 
     _require(items, ["item_id", "text"], "items")
     _require(users, ["user_id", "profile"], "users")
     p = _param(params, "semantic_encoder")
-    model = load_encoder(p["model"], p.get("device", params.get("device", "cpu")))
+    model = load_encoder(p["model"], str(resolve_device(p.get("device", params.get("device", "cpu")))))
     logger.info("semantic encoder: %s (%s)", p["model"], resolve_model_path(p["model"]))
     kwargs = dict(batch_size=int(p["batch_size"]), normalize=bool(p["normalize"]), model=model)
     with _torch_threads(params.get("num_threads")):
@@ -141,7 +142,7 @@ def train_collaborative_encoder(
             seed=seed,
             eval_every=int(p.get("eval_every", 0)),
             evaluate=evaluate,
-            device=params.get("device", "cpu"),
+            device=resolve_device(params.get("device", "cpu")),
         )
     model.cpu()
     log["scalars"]["sasrec_seconds"] = time.perf_counter() - started
@@ -167,6 +168,8 @@ def extract_cf_embeddings(
     item_cf = cf_item_table(sasrec_model, set(sasrec_log["trained_items"]))
     user_ids = _ids(users, "user_id", "users")
     histories = _user_histories(train_sequences, valid)
+    # One batched forward per 512 users of a small model: the CPU does it in well under a second, so this node
+    # keeps the checkpoint where it was loaded (and its DAG inputs unchanged).
     with _torch_threads(1):
         user_cf = sasrec_model.encode([histories.get(u, []) for u in user_ids]).numpy()
     return _embedding_frame(item_ids, item_cf), _embedding_frame(user_ids, user_cf)
@@ -254,7 +257,9 @@ def train_sc_tokenizer(
             dead_code_window=int(rq["dead_code_window"]),
             log_every=int(params.get("log_every", 10)),
             seed=seed,
+            device=resolve_device(params.get("device", "cpu")),
         )
+    tok.cpu()
     log["scalars"]["sc_tokenizer_seconds"] = time.perf_counter() - started
     log["info"] = {"u2i_training_pairs": len(pairs), "auc_eval_pairs": len(eval_rows), "auc_negatives_per_pair": n_neg, **config}
     return tok, log
@@ -269,7 +274,8 @@ def assign_scids(
     params: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Codes for every item (made unique) and user (may collide), and the SC embeddings behind them."""
-    tok = sc_tokenizer
+    tok = sc_tokenizer.to(resolve_device(params.get("device", "cpu")))
+    device = next(tok.parameters()).device
     tables, report = {}, {}
     sides = {"item": (item_semantic_embeddings, item_cf_embeddings), "user": (user_semantic_embeddings, user_cf_embeddings)}
     sc_frames = {}
@@ -278,13 +284,13 @@ def assign_scids(
         x = tok.features(
             _embedding_matrix(sem_df, ids, f"{side}_semantic_embeddings"),
             _embedding_matrix(cf_df, ids, f"{side}_cf_embeddings") if tok.config["use_cf"] else None,
-        )
-        sc_frames[side] = _embedding_frame(ids, tok.sc_embeddings(side, x).numpy())
+        ).to(device)
+        sc_frames[side] = _embedding_frame(ids, tok.sc_embeddings(side, x).cpu().numpy())
         if tok.rq(side) is None:
             tables[side] = pd.DataFrame({"id": pd.Series([], dtype=object), "codes": pd.Series([], dtype=object), "tokens": pd.Series([], dtype=object)})
             continue
         codes, residuals = tok.codes(side, x)
-        raw = codes.numpy()
+        raw = codes.cpu().numpy()
         size = tok.config[f"{side}_codebook_size"]
         entry: dict[str, Any] = {
             "codebook_size": size,
@@ -295,7 +301,7 @@ def assign_scids(
         final = raw
         if side == "item":
             final, entry["resolution"] = resolve_collisions(
-                raw, residuals.numpy(), tok.item_rq.quantizer.codebooks.detach().numpy(),
+                raw, residuals.cpu().numpy(), tok.item_rq.quantizer.codebooks.detach().cpu().numpy(),
                 max_tail=int(_param(params, "collisions.max_tail_levels")),
             )
             if entry["resolution"]["colliding_items_after"]:
@@ -308,6 +314,7 @@ def assign_scids(
             "codes": [[int(c) for c in row] for row in final],
             "tokens": [codes_to_tokens(row, side) for row in final],
         })
+    tok.cpu()  # the loaded checkpoint object goes back as it came
     return tables["item"], tables["user"], sc_frames["item"], sc_frames["user"], report
 
 

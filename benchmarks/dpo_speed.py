@@ -125,7 +125,9 @@ def inputs(seed: int) -> tuple[dict, dict]:
         policy.model.eval()
         stood_in["sft_model"] = "untrained scratch backbone of conf/base/parameters_sft_train.yml"
     data = {"feedback": feedback, "interactions": inter, "train_sequences": seqs, "item_scids": item_scids,
-            "user_scids": user_scids, "sft_examples": sft, "sft_model": policy}
+            "user_scids": user_scids, "sft_examples": sft, "sft_model": policy,
+            # DPO stage selection scores valid users' SEQ prompts (issue 15); sft_data writes them
+            "seq_eval_prompts": _parquet("05_model_input/seq_eval_prompts.parquet")}
     return data, stood_in
 
 

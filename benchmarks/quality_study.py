@@ -61,7 +61,8 @@ PAPER = {"Align3GR": {"recall@10": 0.1442, "ndcg@10": 0.1113}, "SASRec": {"recal
 # the study runs them once a seed and reruns only the SC tokenizer for each tokenization ablation (SASRec is
 # about two thirds of the stage's time). Checked against nodes.py: embed_semantics reads semantic_encoder,
 # train_collaborative_encoder collaborative_encoder, both device and num_threads; extract_cf_embeddings none.
-ENCODER_NODES = ("embed_semantics", "train_collaborative_encoder", "extract_cf_embeddings")
+# Node names carry their stage's namespace (each stage is a Kedro modular pipeline).
+ENCODER_NODES = ("tokenization.embed_semantics", "tokenization.train_collaborative_encoder", "tokenization.extract_cf_embeddings")
 ENCODER_PARAMS = ("semantic_encoder", "collaborative_encoder", "device", "num_threads")
 
 
@@ -434,6 +435,55 @@ def gather(out: Path, split: str = "test"):
     return pd.DataFrame(rows, columns=["table", "label", "run", "model", "seed", "metric", "value", "n_users"])
 
 
+def gather_all(out: Path):
+    """Every (run, model, split, metric, seed) value of every finished job, reported line or not."""
+    import pandas as pd
+
+    frames = []
+    for path in sorted((out / "results").glob("*/seed*/metrics.parquet")):
+        table = pd.read_parquet(path)
+        frames.append(table.assign(run=path.parent.parent.name, seed=int(path.parent.name[4:]))[
+            ["run", "model", "split", "metric", "seed", "value", "n_users"]])
+    if not frames:
+        return pd.DataFrame(columns=["run", "model", "split", "metric", "seed", "value", "n_users"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
+    """The machine-readable results: rows["<run>/<model>"][split][metric] = mean, 95% t-CI across seeds and
+    the per-seed values, plus the paired per-seed differences the Markdown report shows."""
+    allv = gather_all(out)
+    rows: dict[str, Any] = {}
+    for (run, model), g in allv.groupby(["run", "model"], sort=True):
+        entry: dict[str, Any] = {}
+        for (split, metric), gm in g.groupby(["split", "metric"], sort=True):
+            gm = gm.sort_values("seed")
+            mean, half = mean_ci(gm["value"].tolist())
+            ci = [mean - half, mean + half] if half == half else None
+            entry.setdefault(split, {})[metric] = {
+                "mean": mean, "ci95": ci, "per_seed": {str(s): float(v) for s, v in zip(gm["seed"], gm["value"])},
+                "n_users": int(gm["n_users"].max()),
+            }
+        rows[f"{run}/{model}"] = entry
+    long = gather(out)
+    paired = []
+    for a, b in PAIRS:
+        for metric in ("recall@10", "ndcg@10"):
+            va = long[(long.table == a[0]) & (long.label == a[1]) & (long.metric == metric)].set_index("seed")["value"]
+            vb = long[(long.table == b[0]) & (long.label == b[1]) & (long.metric == metric)].set_index("seed")["value"]
+            seeds = sorted(set(va.index) & set(vb.index))
+            if not seeds:
+                continue
+            diffs = [float(vb[s] - va[s]) for s in seeds]
+            mean, half = mean_ci(diffs)
+            paired.append({"a": " / ".join(a), "b": " / ".join(b), "metric": metric, "split": "test", "mean": mean,
+                           "ci95": [mean - half, mean + half] if half == half else None,
+                           "per_seed": {str(s): d for s, d in zip(seeds, diffs)}})
+    return {"dataset": dataset, "seeds": sorted(int(s) for s in allv["seed"].unique()), "command": command,
+            "ci": "mean over seeds +- 95% Student-t half-width across seeds (null for one seed)",
+            "rows": rows, "paired_differences": paired}
+
+
 def summarize(long) -> dict[tuple[str, str], dict[str, Any]]:
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for (table, label), g in long.groupby(["table", "label"], sort=False):
@@ -574,7 +624,8 @@ def findings(summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     return out
 
 
-def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: str, notes: Path | None = None) -> None:
+def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: str, notes: Path | None = None,
+                 dataset: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -612,6 +663,10 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
     md += ["", "## Wall time and peak memory per stage", "", *_timings_table(out), ""]
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text("\n".join(md) + "\n")
+    json_path = md_path.with_suffix(".json")
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(json.dumps(results_json(out, dataset, command), indent=1) + "\n")
+    tmp.replace(json_path)
 
     fig, axes = plt.subplots(len(tables), 1, figsize=(10, 3.2 * len(tables)), squeeze=False)
     for ax, table in zip(axes[:, 0], tables):
@@ -635,7 +690,7 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)
     plt.close(fig)
-    print(f"wrote {md_path} and {png_path}")
+    print(f"wrote {md_path}, {json_path} and {png_path}")
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------------
@@ -701,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
     notes = Path(args.notes).resolve() if args.notes else None
     if notes is not None and not notes.is_file():
         parser.error(f"--notes {args.notes}: no such file")
-    write_report(out, md_path, png_path, title, command.strip(), notes)
+    write_report(out, md_path, png_path, title, command.strip(), notes, dataset=args.env)
     return 0
 
 

@@ -24,6 +24,9 @@ C1 = ("item_text2scid", "item_scid2text")
 C2 = ("seq2text",)
 C3 = ("titles2scid",)
 B1 = ("intent_search", "preference")
+B2 = ("user_text2scid", "user_scid2text")
+# Leave-one-task-out at the full recipe: each alignment task group removed alone (issue 17's per-task table).
+LOO_GROUPS = {"c1": C1, "c2": C2, "c3": C3, "b1": B1, "b2": B2}
 
 
 def tasks_only(*enabled: str) -> dict[str, Any]:
@@ -85,6 +88,10 @@ RUNS: dict[str, Run] = {
         Run("tok_item_only", dict(ITEM_ONLY), SFT_STAGES, "item-only SCIDs (no user RQ-VAE, no user SCID in prompts)"),
         Run("tok_no_cf", {"tokenization.ablation.cf_features": False}, SFT_STAGES, "semantic features only (no CF)"),
         Run("tok_no_u2i", {"tokenization.ablation.u2i_alignment": False}, SFT_STAGES, "no U2I alignment phase"),
+        # Leave-one-task-out: the full SFT mix without one task group (or without the user SCID in prompts).
+        *[Run(f"loo_{g}", tasks_only(*(t for t in ALL_TASKS if t not in tasks)), SFT_STAGES, f"full SFT mix without {g.upper()}")
+          for g, tasks in LOO_GROUPS.items()],
+        Run("loo_user_scid", {"sft_data.inject_user_scid": False}, SFT_STAGES, "full SFT mix without the user SCID in prompts"),
     ]
 }
 
@@ -114,6 +121,9 @@ LINES: list[Line] = [
     Line("Table 5: DPO", "SP-DPO curriculum", "full", "sp_dpo_hard"),
     Line("Table 5: DPO", "+ RF-DPO mixed", "rf_mixed", "rf_dpo_hard"),
     Line("Table 5: DPO", "+ RF-DPO progressive (full)", "full", "rf_dpo_hard"),
+    Line("Leave one task out (SFT)", "full SFT mix", "full", "sft"),
+    *[Line("Leave one task out (SFT)", f"- {g.upper()} ({', '.join(tasks)})", f"loo_{g}", "sft") for g, tasks in LOO_GROUPS.items()],
+    Line("Leave one task out (SFT)", "- user SCID in prompts", "loo_user_scid", "sft"),
 ]
 
 # --quick: tiny sizes so the whole machinery (caching, resuming, aggregation, plots) runs end to end on a
@@ -137,6 +147,7 @@ QUICK_OVERRIDES: dict[str, Any] = {
     "sft_train.trainer.max_steps": 6,
     "sft_train.trainer.eval_steps": 3,
     "sft_train.trainer.max_eval_examples": 32,
+    "sft_train.trainer.model_selection.n_users": 20,
     "sft_train.trainer.progress_bar": False,
     "sp_dpo_curriculum.prompts_per_stage": 8,
     "sp_dpo_curriculum.n_negatives": 4,

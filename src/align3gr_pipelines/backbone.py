@@ -117,6 +117,9 @@ def build_scratch(texts: Iterable[str], scid_tokens: Sequence[str], cfg: dict[st
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         use_cache=False,
+        # The HF Llama has dropout on attention probabilities only (no embedding/residual/MLP dropout);
+        # weight decay is the trainer's (sft_train.trainer.weight_decay).
+        attention_dropout=float(cfg.get("attention_dropout") or 0.0),
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -16,6 +16,14 @@ same adapter.
 Speed: an SCID response is a handful of tokens (one per level + EOS) while the prompt holds a whole
 history, so the prompt is run once per example and its KV cache is expanded to the 1 + N responses
 (``sequence_logps``); the naive way would run the prompt 1 + N times.
+
+Selection (``Selection``): DPO's loss can fall while top-K recall falls too, so a stage is judged on what
+is reported. The stage's input policy and the checkpoints every ``eval_every`` optimizer steps (and the
+last one) are scored by valid Recall@K with the constrained decoder on a seeded sample of valid users
+(``valid_recall``); the best one is kept, and the input policy wins ties — a stage never hands on a policy
+that is worse on that sample than the one it got, unless ``allow_worse`` (then the last checkpoint is kept,
+as the paper does). Each evaluation also records the drift of the chosen and rejected log-probabilities
+(policy − reference, mean over a fixed subset of the pairs), the likelihood-displacement signal.
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -54,6 +63,8 @@ class DPOConfig:
     ref_batch_size: int = 32  # prompts per batch for the one-off reference pass (no gradients)
     device: str = "auto"
     show_progress: bool = True
+    # RPO-style NLL on the chosen response, per token (softmax_dpo.py); 0 = plain Softmax-DPO (the paper).
+    nll_weight: float = 0.0
 
     @classmethod
     def from_params(cls, params: dict[str, Any], where: str) -> "DPOConfig":
@@ -67,7 +78,58 @@ class DPOConfig:
                 raise ValueError(f"{where}.{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.beta <= 0 or cfg.learning_rate <= 0:
             raise ValueError(f"{where}: beta and learning_rate must be > 0, got {cfg.beta}, {cfg.learning_rate}")
+        if cfg.nll_weight < 0:
+            raise ValueError(f"{where}.nll_weight must be >= 0, got {cfg.nll_weight}")
         return cfg
+
+
+@dataclass
+class Selection:
+    """Checkpoint selection of one stage on valid Recall@K (module docstring). ``enabled: false`` = the
+    paper's behaviour: the last step's policy, no evaluation."""
+
+    enabled: bool = False
+    eval_every: int = 8  # optimizer steps between evaluations (the last step is always evaluated)
+    n_users: int | None = 200  # seeded sample of valid users (valid_recall.sample_valid_prompts)
+    k: int = 10
+    beam_width: int = 20
+    batch_size: int = 64
+    allow_worse: bool = False  # true: keep the last checkpoint even when the input policy scored higher
+    drift_examples: int = 64  # pairs on which the chosen / rejected log-prob drift is measured
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None, where: str) -> "Selection":
+        params = dict(params or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown selection parameter(s) {unknown}; expected some of {sorted(known)}")
+        sel = cls(**params)
+        for name in ("eval_every", "k", "beam_width", "batch_size", "drift_examples"):
+            if int(getattr(sel, name)) < 1:
+                raise ValueError(f"{where}.{name} must be >= 1, got {getattr(sel, name)}")
+        return sel
+
+
+def valid_recall_evaluator(
+    seq_eval_prompts: pd.DataFrame, item_scids: pd.DataFrame, tokenizer: Any, sel: Selection, seed: int
+) -> Callable[[Any], float]:
+    """model → valid Recall@K on the stage's seeded sample of valid users (the same users for every stage)."""
+    from align3gr_pipelines import valid_recall
+
+    sample = valid_recall.build_valid_sample(
+        valid_recall.sample_valid_prompts(seq_eval_prompts, sel.n_users, seed), item_scids, tokenizer
+    )
+
+    def evaluate(model: Any) -> float:
+        rec = RecLM(model=model, tokenizer=tokenizer, meta={})
+        return valid_recall.recall_at_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
+
+    # Identifies the sample and decoder settings, so a stage can reuse the score its input policy got as
+    # the previous stage's selected checkpoint (recorded in meta["valid_recall"]) instead of decoding again.
+    payload = json.dumps([sample.prompts, sample.target_index.tolist(), sel.k, sel.beam_width])
+    evaluate.key = hashlib.sha256(payload.encode()).hexdigest()  # type: ignore[attr-defined]
+    return evaluate
 
 
 @dataclass
@@ -224,8 +286,31 @@ class DPOResult:
     scalars: dict[str, float]
 
 
-def train_dpo(model: Any, examples: list[PreferenceExample], cfg: DPOConfig, pad_id: int, seed: int) -> DPOResult:
-    """Train ``model`` in place on the examples with the Softmax-DPO loss; the reference is ``model`` as given."""
+@torch.no_grad()
+def _drift(model: Any, examples: list[PreferenceExample], ref: list[torch.Tensor], pad_id: int, batch_size: int) -> tuple[float, float]:
+    """Mean (policy − reference) log-prob of the chosen and of the rejected responses over ``examples``."""
+    now = reference_logps(model, examples, pad_id, batch_size, show_progress=False)
+    chosen = [float(n[0] - r[0]) for n, r in zip(now, ref)]
+    rejected = [float(x) for n, r in zip(now, ref) for x in (n[1:] - r[1:])]
+    return float(np.mean(chosen)), float(np.mean(rejected)) if rejected else 0.0
+
+
+def train_dpo(
+    model: Any,
+    examples: list[PreferenceExample],
+    cfg: DPOConfig,
+    pad_id: int,
+    seed: int,
+    evaluate: Callable[[Any], float] | None = None,
+    selection: Selection | None = None,
+    input_score: float | None = None,
+) -> DPOResult:
+    """Train ``model`` in place on the examples with the Softmax-DPO loss; the reference is ``model`` as given.
+
+    With ``evaluate`` (model → valid recall) and an enabled ``selection``, ``model`` ends holding the
+    weights of the best evaluated checkpoint (step 0 = the input policy; ties keep the earlier one), or the
+    last step's weights when ``selection.allow_worse``. ``input_score``: the input policy's known valid
+    recall (not decoded again)."""
     if not examples:
         raise ValueError("DPO: no preference pairs to train on")
     torch.manual_seed(seed)
@@ -245,6 +330,30 @@ def train_dpo(model: Any, examples: list[PreferenceExample], cfg: DPOConfig, pad
         optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     )
     curves: dict[str, list[list[float]]] = {k: [] for k in CURVES}
+    select = evaluate is not None and selection is not None and selection.enabled
+    drift_idx = np.random.default_rng([seed, 7]).permutation(len(examples))[: selection.drift_examples if selection else 64]
+    drift_ex, drift_ref = [examples[i] for i in drift_idx], [ref[i] for i in drift_idx]
+    for name in ("valid_recall", "chosen_logp_drift", "rejected_logp_drift"):
+        curves[name] = []
+    best: dict[str, Any] = {}
+
+    def checkpoint(at: int) -> None:
+        c, r = _drift(model, drift_ex, drift_ref, pad_id, cfg.ref_batch_size)
+        curves["chosen_logp_drift"].append([at, c])
+        curves["rejected_logp_drift"].append([at, r])
+        if not select:
+            return
+        was = model.training
+        model.eval()
+        score = float(input_score) if at == 0 and input_score is not None else float(evaluate(model))
+        model.train(was)
+        curves["valid_recall"].append([at, score])
+        if not best or score > best["score"]:
+            best.update(score=score, step=at, state=copy.deepcopy(model.state_dict()))
+
+    t_eval = time.perf_counter()
+    checkpoint(0)
+    eval_seconds = time.perf_counter() - t_eval
     model.train()
     step = 0
     t1 = time.perf_counter()
@@ -262,7 +371,10 @@ def train_dpo(model: Any, examples: list[PreferenceExample], cfg: DPOConfig, pad
                 for row, i in enumerate(idx):
                     ref_b[row, : len(ref[i])] = ref[i].to(device)
                 rej_mask = batch["response_mask"][:, 1:, 0].bool()
-                out = softmax_dpo_loss(logps[:, 0], logps[:, 1:], ref_b[:, 0], ref_b[:, 1:], cfg.beta, rej_mask)
+                out = softmax_dpo_loss(
+                    logps[:, 0], logps[:, 1:], ref_b[:, 0], ref_b[:, 1:], cfg.beta, rej_mask,
+                    nll_weight=cfg.nll_weight, chosen_lengths=batch["response_mask"][:, 0].sum(-1),
+                )
                 # Weight micro-batches by size so an accumulated step is the mean over all its examples.
                 w = len(idx) / len(step_idx)
                 (out.loss * w).backward()
@@ -283,9 +395,21 @@ def train_dpo(model: Any, examples: list[PreferenceExample], cfg: DPOConfig, pad
             curves["lr"].append([step, float(lr)])
             bar.update(1)
             bar.set_postfix(loss=f"{acc['loss']:.4f}", margin=f"{acc['reward_margin']:.3f}")
+            if select and step % selection.eval_every == 0 and step < total_steps:
+                t_eval = time.perf_counter()
+                checkpoint(step)
+                eval_seconds += time.perf_counter() - t_eval
     bar.close()
+    t_eval = time.perf_counter()
+    checkpoint(step)
+    eval_seconds += time.perf_counter() - t_eval
+    last_recall = curves["valid_recall"][-1][1] if curves["valid_recall"] else float("nan")
+    selected_step = step
+    if select and not selection.allow_worse and best["step"] != step:
+        model.load_state_dict(best["state"])
+        selected_step = best["step"]
     model.eval()
-    train_seconds = time.perf_counter() - t1
+    train_seconds = time.perf_counter() - t1 - eval_seconds
 
     tail = max(1, len(curves["loss"]) // 10)  # "final" = mean over the last 10% of steps
 
@@ -306,9 +430,23 @@ def train_dpo(model: Any, examples: list[PreferenceExample], cfg: DPOConfig, pad
         "final_chosen_logp": final("chosen_logp"),
         "final_rejected_logp": final("rejected_logp"),
         "reference_seconds": ref_seconds,
+        "selection_seconds": eval_seconds,
+        "selected_step": float(selected_step),
+        # Drift of the fixed subset of pairs between the reference and the last / the selected step.
+        "final_chosen_logp_drift": curves["chosen_logp_drift"][-1][1],
+        "final_rejected_logp_drift": curves["rejected_logp_drift"][-1][1],
+        "selected_chosen_logp_drift": dict(map(tuple, curves["chosen_logp_drift"])).get(selected_step, float("nan")),
+        "selected_rejected_logp_drift": dict(map(tuple, curves["rejected_logp_drift"])).get(selected_step, float("nan")),
         "train_seconds": train_seconds,
         "pairs_per_second": len(examples) * cfg.epochs / max(train_seconds, 1e-9),
     }
+    if select:
+        scalars.update(
+            valid_recall_input=curves["valid_recall"][0][1],
+            valid_recall_last=last_recall,
+            valid_recall_selected=dict(map(tuple, curves["valid_recall"]))[selected_step],
+            valid_recall_best=best["score"],
+        )
     return DPOResult(curves=curves, scalars=scalars)
 
 
@@ -338,6 +476,8 @@ def train_stage(
     stage: str,
     reference: str,
     info: dict[str, Any] | None = None,
+    evaluate: Callable[[Any], float] | None = None,
+    selection: Selection | None = None,
 ) -> tuple[RecLM, dict[str, Any]]:
     """One curriculum stage: a copy of ``policy`` trained on ``pairs`` against ``policy`` itself as the
     reference. Returns the new RecLM (meta records stage, reference and both weight hashes) and the
@@ -349,7 +489,10 @@ def train_stage(
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     reference_fp = weights_fingerprint(model)
     examples = examples_from_pairs(pairs, tok)
-    result = train_dpo(model, examples, cfg, pad_id, seed)
+    known = policy.meta.get("valid_recall") or {}
+    key = getattr(evaluate, "key", None)
+    input_score = known.get("score") if key is not None and known.get("key") == key else None
+    result = train_dpo(model, examples, cfg, pad_id, seed, evaluate, selection, input_score)
     policy_fp = weights_fingerprint(model)
     meta = copy.deepcopy(policy.meta)
     dpo_meta = {
@@ -360,8 +503,14 @@ def train_stage(
         "config": asdict(cfg),
         "seed": seed,
         "n_pairs": len(examples),
+        "selection": asdict(selection) if selection is not None else None,
+        "selected_step": int(result.scalars["selected_step"]),
     }
     meta.update(stage=stage, skipped=False, dpo=dpo_meta)
+    if "valid_recall_selected" in result.scalars and key is not None:
+        meta["valid_recall"] = {"key": key, "score": result.scalars["valid_recall_selected"]}
+    else:
+        meta.pop("valid_recall", None)
     meta.setdefault("dpo_history", []).append({"stage": stage, "reference": reference, "policy_fingerprint": policy_fp})
     meta["trained_from"] = {"reference_policy": reference_fp, "pairs": pairs_fingerprint(pairs)}
     metrics = {
@@ -412,7 +561,10 @@ def plot_dpo_metrics(metrics: dict[str, Any], title: str) -> Any:
         axes[0, 0].legend(fontsize=8)
     draw(axes[0, 1], ["reward_margin", "reward_accuracy"], "reward")
     draw(axes[1, 0], ["chosen_logp", "rejected_logp"], "sequence log-prob")
-    draw(axes[1, 1], ["lr"], "learning rate")
+    if curves.get("valid_recall"):
+        draw(axes[1, 1], ["valid_recall"], "valid recall (selection)")
+    else:
+        draw(axes[1, 1], ["lr"], "learning rate")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -8,15 +8,17 @@ interactions never label anything, never become a chosen or a rejected item, nev
    re-map ratings with other thresholds: ``rating < neutral_min`` → disliked, ``rating >= liked_min`` →
    liked, neutral in between — so half-star scales need no special case (0.5–1.5 disliked, 2–3.5
    neutral, 4–5 liked with the defaults 2 and 4).
-2. Prompts. Per user, the training prefix that precedes the user's latest liked training item (one row
-   of `train_sequences`), as a SEQ prompt built by `prompts.seq_prompt`.
-3. Recommend, then label. The policy recommends its top-K for that prompt (constrained beam search);
-   each recommended item the user rated in the training period takes that rating's level.
-4. Pairs per stage. chosen = the best-ranked recommended liked item, else the ground-truth liked item
-   that follows the prefix; rejected = recommended items of the stage's rejected level(s) (easy:
-   disliked, hard: neutral, mixed: both), in rank order, then padded from the user's other training
-   items of those levels (latest first), then — if ``pad_with_unrated`` — from the recommendations the
-   user never rated; at most N. Every source is counted per pair.
+2. Prompts. Per user, the training prefix that precedes one of the user's liked training items (one row
+   of `train_sequences`), as a SEQ prompt built by `prompts.seq_prompt`; the items after it are the
+   prompt's future.
+3. Recommend, then label. Each stage's own input policy recommends its top-K for that prompt
+   (constrained beam search); each recommended item the user rated later takes that rating's level.
+4. Pairs per stage (`build_feedback_pairs`), all from the prompt's future so that DPO pushes toward
+   next-item prediction, not against it: chosen = the prompt's target (liked), rejected = later-rated
+   items of the stage's rejected level(s) (easy: disliked, hard: neutral, mixed: both) the policy
+   recommended, then the other later-rated ones; unrated recommendations only behind a switch. At most N;
+   every source is counted per pair. (Before issue 15 the chosen item was the best-ranked liked
+   recommendation from anywhere in the training period — often an item consumed before the prompt.)
 """
 from __future__ import annotations
 
@@ -138,6 +140,9 @@ def agreement(truth: Sequence[str], pred: Sequence[str]) -> dict[str, Any]:
     return {"n_reviews": len(truth), "accuracy": float(np.mean([a == b for a, b in zip(truth, pred)])), "confusion": confusion}
 
 
+PROMPT_POSITIONS = ("latest_liked", "random_liked")
+
+
 def user_prompts(
     train_sequences: pd.DataFrame,
     levels: pd.DataFrame,
@@ -147,31 +152,51 @@ def user_prompts(
     max_users: int | None,
     seed: int,
     max_history: int | None = None,
+    position: str = "latest_liked",
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """One prompt per user: the training prefix before the user's latest liked training item, cut to the
-    last `max_history` items so the prompt looks like the SEQ prompts the policy was trained on."""
+    """One prompt per user: the training prefix before one of the user's liked training items (the
+    prompt's target, so the chosen response is the user's true next item), cut to the last
+    `max_history` items so the prompt looks like the SEQ prompts the policy was trained on.
+
+    ``position``: ``latest_liked`` (the latest liked transition) or ``random_liked`` (a seeded pick among
+    the liked transitions that have at least one later-rated non-liked item, else among all liked ones:
+    a prompt earlier in the history leaves a future to draw rejected items from). Column ``future`` lists
+    the user's training items after the target (later positions), nearest first."""
     _require(train_sequences, "train_sequences", ["user_id", "history", "target", "position"])
+    if position not in PROMPT_POSITIONS:
+        raise ValueError(f"parameters rf_dpo.prompts.position: expected one of {PROMPT_POSITIONS}, got {position!r}")
     seqs = train_sequences.copy()
     seqs["user_id"], seqs["target"] = seqs["user_id"].astype(str), seqs["target"].astype(str)
-    liked = levels[levels["level"] == "liked"][["user_id", "item_id"]].rename(columns={"item_id": "target"})
-    rows = seqs.merge(liked, on=["user_id", "target"]).sort_values(["user_id", "position"]).drop_duplicates("user_id", keep="last")
-    n_users, n_with_liked = seqs["user_id"].nunique(), len(rows)
-    if max_users is not None and len(rows) > max_users:
-        rows = rows.sample(n=max_users, random_state=seed)
-    rows = rows.sort_values("user_id").reset_index(drop=True)
-    prompts, kept = [], []
-    for r in rows.itertuples(index=False):
-        hist = [str(i) for i in r.history]
-        if max_history is not None:
-            hist = hist[-max_history:] if max_history > 0 else []
-        if any(i not in item_tokens for i in hist + [r.target]):
+    seqs = seqs.sort_values(["user_id", "position"], kind="stable")
+    label = {(u, i): lv for u, i, lv in zip(levels["user_id"].astype(str), levels["item_id"].astype(str), levels["level"])}
+    rng = np.random.default_rng(seed)
+    picked = []
+    n_users = seqs["user_id"].nunique()
+    for user, g in seqs.groupby("user_id", sort=True):
+        targets = g["target"].tolist()
+        liked = [k for k, t in enumerate(targets) if label.get((user, t)) == "liked"]
+        if not liked:
             continue
-        prompts.append(seq_prompt([item_tokens[i] for i in hist], (user_tokens or {}).get(r.user_id), template_id))
-        kept.append(r)
-    out = pd.DataFrame(
-        {"user_id": [r.user_id for r in kept], "prompt": prompts, "history": [list(map(str, r.history)) for r in kept],
-         "target": [r.target for r in kept], "position": [int(r.position) for r in kept]}
-    )
+        if position == "latest_liked":
+            k = liked[-1]
+        else:
+            with_future = [k for k in liked if any(label.get((user, t)) in ("disliked", "neutral") for t in targets[k + 1 :])]
+            pool = with_future or liked
+            k = pool[int(rng.integers(len(pool)))]
+        row = g.iloc[k]
+        picked.append((user, [str(i) for i in row.history], row.target, int(row.position), targets[k + 1 :]))
+    n_with_liked = len(picked)
+    if max_users is not None and len(picked) > max_users:
+        keep = np.sort(np.random.default_rng(seed).choice(len(picked), int(max_users), replace=False))
+        picked = [picked[i] for i in keep]
+    rows = []
+    for user, hist, target, pos, future in picked:
+        shown = hist[-max_history:] if max_history is not None and max_history > 0 else ([] if max_history == 0 else hist)
+        if any(i not in item_tokens for i in shown + [target]):
+            continue
+        prompt = seq_prompt([item_tokens[i] for i in shown], (user_tokens or {}).get(user), template_id)
+        rows.append({"user_id": user, "prompt": prompt, "history": hist, "target": target, "position": pos, "future": future})
+    out = pd.DataFrame(rows, columns=["user_id", "prompt", "history", "target", "position", "future"])
     stats = {"n_users": int(n_users), "n_users_without_liked_train_item": int(n_users - n_with_liked), "n_prompts": int(len(out))}
     return out, stats
 
@@ -183,29 +208,40 @@ def build_feedback_pairs(
     stage: str,
     n_rejected: int,
     pad_with_unrated: bool,
-    exclude_history: bool,
     item_tokens: dict[str, str],
     item_codes: dict[str, Sequence[int]],
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Pairs of one RF-DPO stage ('easy', 'hard' or 'mixed') from prompts, recommendations (user_id, rank,
-    item_id) and training-period levels."""
+    """Pairs of one RF-DPO stage ('easy', 'hard' or 'mixed') from prompts (user_id, prompt, history,
+    target, future), recommendations (user_id, rank, item_id) and training-period levels.
+
+    Everything is relative to the prompt: chosen = the prompt's target (the user's true next item) when
+    liked, else the nearest liked item of its ``future``; rejected = ``future`` items of the stage's
+    level(s) that the policy recommended (rank order), then the other ``future`` items of those levels
+    (nearest first), then — only if ``pad_with_unrated`` — recommendations the user never rated (they may
+    be the user's true future, hence off by default). Nothing in the prompt's history or before the
+    prompt is ever chosen or rejected."""
     if stage not in STAGE_REJECTED:
         raise ValueError(f"rf_dpo stage must be one of {sorted(STAGE_REJECTED)}, got {stage!r}")
+    _require(prompts, "rf_dpo prompts", ["user_id", "prompt", "history", "target", "future"])
     rejected_levels = set(STAGE_REJECTED[stage])
     recs = recommendations.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(list).to_dict()
-    by_user = {u: g.sort_values("timestamp", ascending=False) for u, g in levels.groupby("user_id")}
+    label_of = {u: dict(zip(g["item_id"].astype(str), g["level"])) for u, g in levels.groupby("user_id")}
     rows = []
-    counts = {"chosen_recommended": 0, "chosen_ground_truth": 0, "dropped_no_rejected": 0}
+    counts = {"chosen_target": 0, "chosen_later_liked": 0, "dropped_no_liked_future": 0, "dropped_no_rejected": 0}
     for p in prompts.itertuples(index=False):
-        user_levels = by_user.get(p.user_id)
-        label = dict(zip(user_levels["item_id"], user_levels["level"])) if user_levels is not None else {}
-        history = set(p.history) if exclude_history else set()
-        rec = [i for i in recs.get(p.user_id, []) if i not in history]
-        liked_recs = [i for i in rec if label.get(i) == "liked"]
-        if liked_recs:
-            chosen, chosen_source = liked_recs[0], "recommended"
+        label = label_of.get(p.user_id, {})
+        before = set(map(str, p.history))
+        future = [str(i) for i in p.future if str(i) not in before]
+        future_set = set(future)
+        if label.get(str(p.target)) == "liked":
+            chosen, chosen_source = str(p.target), "target"
         else:
-            chosen, chosen_source = p.target, "ground_truth"
+            later = [i for i in future if label.get(i) == "liked"]
+            if not later:
+                counts["dropped_no_liked_future"] += 1
+                continue
+            chosen, chosen_source = later[0], "later_liked"
+        rec = [i for i in recs.get(p.user_id, []) if i not in before]
         rejected: list[tuple[str, str, str]] = []  # (item, level, source)
         seen = {chosen}
 
@@ -215,12 +251,11 @@ def build_feedback_pairs(
                 seen.add(item)
 
         for i in rec:
-            if label.get(i) in rejected_levels:
+            if i in future_set and label.get(i) in rejected_levels:
                 add(i, label[i], "recommended")
-        if user_levels is not None:
-            for i, level in zip(user_levels["item_id"], user_levels["level"]):
-                if level in rejected_levels:
-                    add(i, level, "user_history")
+        for i in future:
+            if label.get(i) in rejected_levels:
+                add(i, label[i], "later_rated")
         if pad_with_unrated:
             for i in rec:
                 if i not in label:
@@ -245,15 +280,15 @@ def build_feedback_pairs(
                 "rejected_source": sources,
                 "overlap": [int(np.cumprod(np.asarray(item_codes[i]) == cc).sum()) for i in items],
                 "n_from_recommendations": sources.count("recommended"),
-                "n_from_user_history": sources.count("user_history"),
+                "n_from_later_rated": sources.count("later_rated"),
                 "n_from_unrated": sources.count("unrated_recommendation"),
-                "filled": sources.count("user_history") + sources.count("unrated_recommendation"),
+                "filled": sources.count("later_rated") + sources.count("unrated_recommendation"),
             }
         )
     pairs = pd.DataFrame(rows, columns=RF_PAIR_COLUMNS)
     stats = {k: float(v) for k, v in counts.items()}
     stats["n_pairs"] = float(len(pairs))
-    for col in ("n_from_recommendations", "n_from_user_history", "n_from_unrated"):
+    for col in ("n_from_recommendations", "n_from_later_rated", "n_from_unrated"):
         stats[col] = float(pairs[col].sum()) if len(pairs) else 0.0
     stats["mean_rejected_per_pair"] = float(pairs["rejected"].map(len).mean()) if len(pairs) else 0.0
     return pairs, stats
@@ -261,7 +296,7 @@ def build_feedback_pairs(
 
 RF_PAIR_COLUMNS = [
     "prompt", "user_id", "chosen", "chosen_tokens", "chosen_source", "rejected", "rejected_tokens", "rejected_level",
-    "rejected_source", "overlap", "n_from_recommendations", "n_from_user_history", "n_from_unrated", "filled",
+    "rejected_source", "overlap", "n_from_recommendations", "n_from_later_rated", "n_from_unrated", "filled",
 ]
 
 
@@ -272,7 +307,7 @@ def empty_feedback_pairs() -> pd.DataFrame:
     schema = pa.schema(
         [("prompt", s), ("user_id", s), ("chosen", s), ("chosen_tokens", s), ("chosen_source", s), ("rejected", ls),
          ("rejected_tokens", ls), ("rejected_level", ls), ("rejected_source", ls), ("overlap", pa.list_(pa.int64())),
-         ("n_from_recommendations", pa.int64()), ("n_from_user_history", pa.int64()), ("n_from_unrated", pa.int64()),
+         ("n_from_recommendations", pa.int64()), ("n_from_later_rated", pa.int64()), ("n_from_unrated", pa.int64()),
          ("filled", pa.int64())]
     )
     return schema.empty_table().to_pandas()

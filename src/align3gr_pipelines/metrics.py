@@ -49,6 +49,22 @@ def tie_group_positions(
     return (scores == target_score[:, None]) & listed & found[:, None]
 
 
+def tie_group_at_list_end(
+    rec_items: Sequence[Sequence[object]] | np.ndarray,
+    targets: Sequence[object],
+    rec_scores: Sequence[Sequence[float]] | np.ndarray | None,
+    k: int,
+) -> np.ndarray:
+    """Bool [n_users]: the target ties with other listed items, its tie group starts within the top k and
+    holds the list's last position. Only then can items cut from the list (tied with the last one) change
+    the credit at some k' <= k: the module's tie rule counts the listed part of the group only, so such a
+    user's credit may be too high. A caller reports how many users that concerns rather than hide it."""
+    group = tie_group_positions(rec_items, targets, rec_scores)
+    if group.shape[1] == 0:
+        return np.zeros(group.shape[0], dtype=bool)
+    return (group.sum(axis=1) > 1) & group[:, -1] & group[:, :k].any(axis=1)
+
+
 def recall_at_k(
     rec_items: Sequence[Sequence[object]] | np.ndarray,
     targets: Sequence[object],

@@ -27,4 +27,6 @@ def register_pipelines() -> dict[str, Pipeline]:
         full += pipelines[name]
     pipelines["full"] = full
     pipelines["__default__"] = full
+    # Not a stage of `full`: answers requests with a trained checkpoint, and logs the servable model.
+    pipelines["inference"] = importlib.import_module("align3gr_pipelines.pipelines.inference").create_pipeline()
     return pipelines

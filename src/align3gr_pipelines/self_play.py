@@ -21,6 +21,23 @@ The bucket rule, for S curriculum stages (easy = 0 … hard = S−1) and L level
 When the policy's candidates hold fewer than N negatives of a stage's range, the rest are drawn
 uniformly from catalogue items whose overlap lies in that range ("filled", counted per pair); when even
 the catalogue has too few, the pair keeps fewer negatives, and a prompt with none is dropped (counted).
+
+Mining beyond the paper's beam (parameters `sp_dpo_curriculum.mining`), because with ~10k items over
+256 × 256 prefixes a width-20 beam rarely shares a prefix with the target and the medium/hard buckets end
+up almost entirely filled at random from the catalogue (no longer self-play):
+
+- ``candidates: scored`` — the stage's bucket members (at most ``max_scored`` per prompt, a seeded sample
+  beyond that, plus the beam's own candidates) are scored exactly by the policy (sequence log-probability,
+  `constrained_decoding.item_logprobs`) and the N it rates highest are the negatives. Every negative is then
+  ranked by the policy itself; only a bucket with fewer than N members leaves a pair short.
+- ``bucket_by: similarity`` — the paper's alternative difficulty: cosine similarity of the items' SCID
+  embeddings (the policy's input embeddings of the SCID tokens, concatenated over levels) to the chosen
+  item's, stage s taking the catalogue items whose similarity rank falls in ``similarity_bands[s]``
+  (quantiles: easy = least similar ... hard = most similar). Unlike shared prefixes, every band has
+  members for every item.
+
+``filled`` counts the negatives drawn uniformly from the catalogue (not ranked by the policy); the stage's
+``filled_fraction`` is the share reported per stage (the issue's target: below 30%).
 """
 from __future__ import annotations
 
@@ -111,6 +128,94 @@ def select_negatives(
             n_filled += len(fill)
         rejected.extend(got)
     return rejected, [int(overlap_all[i]) for i in rejected], n_filled
+
+
+def scored_negatives(
+    chosen: int, ranked: Sequence[int], member: np.ndarray, n: int, rng: np.random.Generator, fill: bool = True
+) -> tuple[list[int], int]:
+    """Negatives from candidates ranked by the policy's exact score (best first): the first ``n`` that are
+    bucket members (``member`` bool[n_items]) and not the chosen item; topped up uniformly from the other
+    members when ``fill`` (counted). Returns (item indices, how many came from the fill)."""
+    got: list[int] = []
+    taken = {chosen}
+    for c in ranked:
+        c = int(c)
+        if c >= 0 and c not in taken and member[c]:
+            got.append(c)
+            taken.add(c)
+            if len(got) == n:
+                return got, 0
+    if not fill:
+        return got, 0
+    pool = np.array([i for i in np.flatnonzero(member) if i not in taken], dtype=np.int64)
+    extra = [int(i) for i in rng.choice(pool, size=min(n - len(got), len(pool)), replace=False)] if len(pool) else []
+    return got + extra, len(extra)
+
+
+def similarity_ranks(embeddings: torch.Tensor, chosen: int) -> np.ndarray:
+    """Quantile (0 = least, 1 = most similar) of every item's cosine similarity to the chosen item's
+    embedding, among the other items; the chosen item itself gets 2.0 (outside every band)."""
+    e = torch.nn.functional.normalize(embeddings.float(), dim=-1)
+    sim = (e @ e[chosen]).numpy()
+    sim[chosen] = -np.inf
+    order = np.argsort(sim, kind="stable")
+    q = np.empty(len(sim))
+    q[order] = np.arange(len(sim)) / max(len(sim) - 2, 1)
+    q[chosen] = 2.0
+    return q
+
+
+def scid_embeddings(policy: RecLM, tokens: Sequence[str]) -> torch.Tensor:
+    """[n_items, L·d]: the policy's input embeddings of each item's SCID tokens, concatenated over levels."""
+    tok = policy.tokenizer
+    ids = [tok.convert_tokens_to_ids(_scid_tokens(t)) for t in tokens]
+    with torch.no_grad():
+        table = policy.model.get_input_embeddings().weight.detach().cpu()
+        return torch.stack([table[torch.tensor(i)].reshape(-1) for i in ids])
+
+
+def _scid_tokens(tokens: str) -> list[str]:
+    import re
+
+    return re.findall(r"<[^<>]+>", tokens)
+
+
+def bucket_members(
+    stage_range: tuple[float, float], chosen: int, codes: torch.Tensor, by: str, embeddings: torch.Tensor | None
+) -> np.ndarray:
+    """bool[n_items]: the catalogue items in the stage's bucket for this chosen item (never itself)."""
+    if by == "prefix":
+        ov = shared_prefix_length(codes, codes[chosen]).numpy()
+        ov[chosen] = codes.shape[1]
+        member = (ov >= stage_range[0]) & (ov <= stage_range[1])
+    else:
+        q = similarity_ranks(embeddings, chosen)
+        lo, hi = stage_range
+        member = (q >= lo) & ((q < hi) | (hi >= 1.0)) & (q <= 1.0)
+    member[chosen] = False
+    return member
+
+
+def score_candidates(
+    policy: RecLM, prompts: Sequence[str], item_scids: pd.DataFrame, item_ids: Sequence[str], candidates: np.ndarray,
+    batch_size: int, show_progress: bool = True,
+) -> np.ndarray:
+    """Candidates (indices into ``item_ids``, -1 = none) re-ordered per prompt by the policy's exact sequence
+    log-probability, best first (-1 last)."""
+    from align3gr_pipelines.constrained_decoding import SCIDCatalog, item_logprobs
+
+    tok = policy.tokenizer
+    catalog = SCIDCatalog.from_scids(item_scids, tok)
+    theirs = {iid: i for i, iid in enumerate(catalog.item_ids)}
+    to_theirs = np.array([theirs[str(i)] for i in item_ids] + [-1])
+    cand = torch.as_tensor(to_theirs[candidates])  # -1 stays -1
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lp = item_logprobs(
+        policy.model, [encode_prompt(tok, p) for p in prompts], catalog, cand, batch_size=batch_size, pad_token_id=pad,
+        show_progress=show_progress,
+    )
+    order = torch.argsort(lp, dim=1, descending=True, stable=True).numpy()
+    return np.take_along_axis(candidates, order, axis=1)
 
 
 def random_negatives(chosen: int, n_items: int, n: int, rng: np.random.Generator) -> list[int]:
@@ -249,3 +354,172 @@ def sample_prompts(sft_examples: pd.DataFrame, item_ids: Sequence[str], seed: in
         raise ValueError("sft_examples: no SEQ training row has a target_item_id present in item_scids")
     order = np.random.default_rng(seed).permutation(len(seq))
     return seq.iloc[order][["prompt", "user_id", "target_item_id"]].reset_index(drop=True), {"unknown_targets": int((~ok).sum())}
+
+
+# ---------------------------------------------------------------- mining (beam or exact scoring, prefix or similarity buckets)
+
+MINING_CANDIDATES = ("beam", "scored")
+BUCKET_BY = ("prefix", "similarity")
+
+
+@dataclass(frozen=True)
+class Mining:
+    """`sp_dpo_curriculum.mining` (module docstring). The paper: candidates beam, bucket_by prefix."""
+
+    candidates: str = "beam"
+    bucket_by: str = "prefix"
+    max_scored: int = 128  # bucket members scored exactly per prompt and bucket (a seeded sample beyond)
+    similarity_bands: tuple[tuple[float, float], ...] = ((0.0, 0.9), (0.9, 0.99), (0.99, 1.0))
+    score_batch_size: int = 16
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None, n_stages: int) -> "Mining":
+        p = dict(params or {})
+        known = {"candidates", "bucket_by", "max_scored", "similarity_bands", "score_batch_size"}
+        if set(p) - known:
+            raise ValueError(f"parameters sp_dpo_curriculum.mining: unknown key(s) {sorted(set(p) - known)}; expected some of {sorted(known)}")
+        if "similarity_bands" in p:
+            p["similarity_bands"] = tuple(tuple(float(x) for x in b) for b in p["similarity_bands"])
+        m = cls(**p)
+        if m.candidates not in MINING_CANDIDATES:
+            raise ValueError(f"parameters sp_dpo_curriculum.mining.candidates: expected one of {MINING_CANDIDATES}, got {m.candidates!r}")
+        if m.bucket_by not in BUCKET_BY:
+            raise ValueError(f"parameters sp_dpo_curriculum.mining.bucket_by: expected one of {BUCKET_BY}, got {m.bucket_by!r}")
+        if m.max_scored < 1 or m.score_batch_size < 1:
+            raise ValueError("parameters sp_dpo_curriculum.mining: max_scored and score_batch_size must be >= 1")
+        bands = m.similarity_bands
+        if len(bands) != n_stages or any(not 0.0 <= lo < hi <= 1.0 for lo, hi in bands):
+            raise ValueError(
+                f"parameters sp_dpo_curriculum.mining.similarity_bands: expected {n_stages} [lo, hi] quantile bands "
+                f"with 0 <= lo < hi <= 1, got {bands}"
+            )
+        return m
+
+
+def stage_buckets(mode_quotas: Sequence[Quota] | None, stage: int | None, n_stages: int, n_negatives: int, mining: Mining) -> list[tuple[tuple[float, float], int]]:
+    """(range, n) per bucket a stage draws from: its overlap range(s) or, by similarity, its band(s).
+    ``stage=None`` = every bucket mixed (no curriculum), N split as in `mixed_quotas`."""
+    if mining.bucket_by == "prefix":
+        return [((q.lo, q.hi), q.n) for q in mode_quotas or []]
+    if stage is not None:
+        return [(mining.similarity_bands[stage], n_negatives)]
+    base, extra = divmod(n_negatives, n_stages)
+    return [(b, base + (i < extra)) for i, b in enumerate(mining.similarity_bands) if base + (i < extra) > 0]
+
+
+def mine_pairs(
+    policy: RecLM,
+    prompts: pd.DataFrame,
+    item_scids: pd.DataFrame,
+    item_ids: Sequence[str],
+    codes: torch.Tensor,
+    tokens: Sequence[str],
+    beam: np.ndarray,
+    buckets: Sequence[tuple[tuple[float, float], int]],
+    mining: Mining,
+    rng: np.random.Generator,
+    show_progress: bool = True,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Self-play pairs of one stage: per prompt and bucket, the policy's best-ranked bucket members
+    (beam order, or exact scores over beam ∪ a sample of the bucket), topped up from the catalogue in
+    beam mode. Same columns as `build_pairs`; stats add ``filled_fraction`` and ``beam_fraction``."""
+    position = {iid: i for i, iid in enumerate(item_ids)}
+    chosen_idx = [position[str(t)] for t in prompts["target_item_id"]]
+    emb = scid_embeddings(policy, tokens) if mining.bucket_by == "similarity" else None
+    members = [[bucket_members(rng_, c, codes, mining.bucket_by, emb) for rng_, _ in buckets] for c in chosen_idx]
+    ranked = beam
+    if mining.candidates == "scored":
+        width = beam.shape[1] + mining.max_scored * len(buckets)
+        cand = np.full((len(prompts), width), -1, dtype=np.int64)
+        for r, per_bucket in enumerate(members):
+            row = [int(i) for i in beam[r] if i >= 0]
+            for m in per_bucket:
+                pool = np.setdiff1d(np.flatnonzero(m), row)
+                row += [int(i) for i in (rng.choice(pool, mining.max_scored, replace=False) if len(pool) > mining.max_scored else pool)]
+            cand[r, : len(row)] = row
+        ranked = score_candidates(policy, prompts["prompt"].tolist(), item_scids, item_ids, cand, mining.score_batch_size, show_progress)
+    rows, n_dropped = [], 0
+    for r, row in enumerate(prompts.itertuples(index=False)):
+        chosen, rejected, filled = chosen_idx[r], [], 0
+        for (_, n), m in zip(buckets, members[r]):
+            m = m.copy()
+            m[rejected] = False
+            got, f = scored_negatives(chosen, ranked[r], m, n, rng, fill=mining.candidates == "beam")
+            rejected += got
+            filled += f
+        if not rejected:
+            n_dropped += 1
+            continue
+        in_beam = set(int(i) for i in beam[r])
+        rows.append(
+            {
+                "prompt": row.prompt, "user_id": str(row.user_id), "chosen": item_ids[chosen], "chosen_tokens": tokens[chosen],
+                "rejected": [item_ids[i] for i in rejected], "rejected_tokens": [tokens[i] for i in rejected],
+                "overlap": shared_prefix_length(codes[rejected], codes[chosen]).tolist(),
+                "n_generated": len(rejected) - filled, "filled": int(filled), "_in_beam": sum(i in in_beam for i in rejected),
+            }
+        )
+    pairs = pd.DataFrame(rows, columns=PAIR_COLUMNS + ["_in_beam"])
+    n_rej = int(pairs["rejected"].map(len).sum()) if len(pairs) else 0
+    stats = {
+        "n_prompts": float(len(prompts)),
+        "n_pairs": float(len(pairs)),
+        "n_dropped_no_negative": float(n_dropped),
+        "mean_rejected_per_pair": n_rej / len(pairs) if len(pairs) else 0.0,
+        "n_rejected_generated": float(pairs["n_generated"].sum()) if len(pairs) else 0.0,
+        "n_rejected_filled": float(pairs["filled"].sum()) if len(pairs) else 0.0,
+        "pairs_with_fill_fraction": float((pairs["filled"] > 0).mean()) if len(pairs) else 0.0,
+        "filled_fraction": float(pairs["filled"].sum()) / n_rej if n_rej else 0.0,
+        # Negatives that were among the policy's own beam top-K (the rest: exact scores over the bucket).
+        "beam_fraction": float(pairs["_in_beam"].sum()) / n_rej if n_rej else 0.0,
+    }
+    return pairs[PAIR_COLUMNS].reset_index(drop=True), stats
+
+
+def user_tokens_like_sft(sft_examples: pd.DataFrame, user_scids: pd.DataFrame, setting: Any = "auto") -> dict[str, str] | None:
+    """User SCID per user when prompts should carry one: ``auto`` = exactly when the SFT SEQ prompts did."""
+    import re
+
+    inject = setting
+    if inject == "auto":
+        seq = sft_examples[(sft_examples["task"] == "seq") & (sft_examples["split"] == "train")]["prompt"]
+        inject = bool(seq.astype(str).str.contains(re.compile(r"<u\d+_\d+>")).any())
+    if not inject or user_scids is None or not len(user_scids):
+        return None
+    return dict(zip(user_scids["id"].astype(str), user_scids["tokens"].astype(str)))
+
+
+def transition_prompts(
+    train_sequences: pd.DataFrame,
+    sft_examples: pd.DataFrame,
+    item_ids: Sequence[str],
+    tokens: Sequence[str],
+    user_tokens: dict[str, str] | None,
+    max_history: int,
+    template_id: int,
+    seed: int,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """SEQ prompts of training transitions that were *not* SEQ responses in SFT (SFT fits its own SEQ
+    targets; DPO on them mostly re-teaches what the policy already ranks first), shuffled. Columns as
+    `sample_prompts`. Falls back to nothing: an empty frame when every transition was an SFT target."""
+    from align3gr_pipelines.prompts import seq_prompt
+
+    for col in ("user_id", "history", "target"):
+        if col not in train_sequences.columns:
+            raise ValueError(f"train_sequences: missing column {col!r} (columns: {list(train_sequences.columns)})")
+    seq = sft_examples[(sft_examples["task"] == "seq") & (sft_examples["split"] == "train")]
+    used = set(zip(seq["user_id"].astype(str), seq["target_item_id"].astype(str)))
+    tok = dict(zip(map(str, item_ids), tokens))
+    rows = []
+    n_sft = 0
+    for u, hist, target in zip(train_sequences["user_id"].astype(str), train_sequences["history"], train_sequences["target"].astype(str)):
+        hist = [str(i) for i in hist][-max_history:]
+        if not hist or target not in tok or any(i not in tok for i in hist):
+            continue
+        if (u, target) in used:
+            n_sft += 1
+            continue
+        rows.append((seq_prompt([tok[i] for i in hist], (user_tokens or {}).get(u), template_id), u, target))
+    out = pd.DataFrame(rows, columns=["prompt", "user_id", "target_item_id"])
+    order = np.random.default_rng(seed).permutation(len(out))
+    return out.iloc[order].reset_index(drop=True), {"transitions_that_were_sft_seq": n_sft, "unknown_targets": 0}

@@ -155,3 +155,30 @@ def make_scorer(cfg: dict[str, Any]) -> SentimentScorer:
             raise ValueError("parameters rf_dpo.sentiment.model: 'hf_classifier' needs a model name or local path")
         return HFClassifierSentimentScorer(cfg["model"], cfg.get("label_to_level"), int(cfg.get("batch_size", 32)), cfg.get("device"))
     raise ValueError(f"parameters rf_dpo.sentiment.method: expected 'anchors' or 'hf_classifier', got {method!r}")
+
+
+def checked_scorer_factory(cfg: dict[str, Any], feedback: Any, interactions: Any, level_cfg: dict[str, Any], seed: int):
+    """Builds the sentiment scorer on first use (only if some row needs one). Where the data also has
+    rated reviews, the scorer is checked against their ratings — on a held-out half when it was
+    calibrated on the other half (``calibrate_on_rated``)."""
+    from align3gr_pipelines import feedback_pairs as fp
+
+    state: dict[str, Any] = {}
+
+    def build() -> Any:
+        if "scorer" not in state:
+            scorer = make_scorer(cfg)
+            n_check = int(cfg.get("check_on_rated", 200))
+            thresholds = (float(level_cfg.get("neutral_min", 2.0)), float(level_cfg.get("liked_min", 4.0)))
+            calibrate = bool(cfg.get("calibrate_on_rated", False)) and isinstance(scorer, AnchorSentimentScorer)
+            texts, truth = fp.rated_reviews(feedback, interactions, (2 if calibrate else 1) * n_check, seed, *thresholds)
+            if calibrate and len(texts) >= 2:
+                half = len(texts) // 2
+                state["calibrated"] = scorer.calibrate(texts[:half], truth[:half], seed=seed)
+                texts, truth = texts[half:], truth[half:]
+            if texts:
+                state["agreement"] = fp.agreement(truth, scorer.predict(texts))
+            state["scorer"] = scorer
+        return state["scorer"]
+
+    return build, state

@@ -66,9 +66,16 @@ def _clean(value: Any) -> str:
     return str(value).strip()
 
 
+def _category_list(categories: str) -> list[str]:
+    return [c.strip() for c in categories.split(",") if c.strip()]
+
+
 def _leaf_category(categories: str) -> str:
-    parts = [c.strip() for c in categories.split(",") if c.strip()]
+    parts = _category_list(categories)
     return parts[-1] if parts else ""
+
+
+CATEGORY_SOURCES = ("leaf", "user_dominant")
 
 
 def _first_clause(review: str, limit: int) -> str:
@@ -108,6 +115,11 @@ class Context:
     heldout: dict[str, set[str]]  # user -> valid/test target items
     params: Mapping[str, Any]
     inject_user: bool
+    # item -> every category of the item (flat genres on MovieLens; the path on Amazon)
+    categories: dict[str, list[str]] | None = None
+    # user -> category counts over the user's liked training-period items (category_source user_dominant)
+    taste: dict[str, Counter] | None = None
+    item_counts: dict[str, int] | None = None  # item -> training-period interactions (all users)
 
     def user(self, user_id: str) -> str:
         return user_field(self.user_tokens.get(user_id) if self.inject_user else None)
@@ -156,6 +168,7 @@ def build_context(
     titles = {i: _words(t, int(params["title_max_words"])) for i, t in zip(items["item_id"], items["title"])}
     brand = {i: _clean(b) for i, b in zip(items["item_id"], items["brand"])}
     leaf = {i: _leaf_category(_clean(c)) for i, c in zip(items["item_id"], items["categories"])}
+    categories = {i: _category_list(_clean(c)) for i, c in zip(items["item_id"], items["categories"])}
     item_texts = {}
     for i, c in zip(items["item_id"], items["categories"]):
         parts = [titles[i]] + ([f"by {brand[i]}"] if brand[i] else []) + ([f"in {_clean(c)}"] if _clean(c) else [])
@@ -192,6 +205,12 @@ def build_context(
         for u, t in zip(df["user_id"].astype(str), df["target"].astype(str)):
             heldout.setdefault(u, set()).add(t)
 
+    source = category_source(params)
+    taste = None
+    if source == "user_dominant":
+        taste = {u: Counter(c for i in items_ for c in categories.get(i, ())) for u, items_ in liked.items()}
+    item_counts = Counter(i for hist in train_history.values() for i in hist)
+
     rows = train_sequences.assign(
         user_id=train_sequences["user_id"].astype(str), target=train_sequences["target"].astype(str)
     )
@@ -213,7 +232,32 @@ def build_context(
         heldout=heldout,
         params=params,
         inject_user=bool(params.get("inject_user_scid", True)),
+        categories=categories,
+        taste=taste,
+        item_counts=dict(item_counts),
     )
+
+
+def category_source(params: Mapping[str, Any]) -> str:
+    """`sft_data.b1_category`: which category of an item B1's texts name (see parameters_sft_data.yml)."""
+    source = params.get("b1_category", "leaf")
+    if source not in CATEGORY_SOURCES:
+        raise ValueError(f"sft_data.b1_category must be one of {CATEGORY_SOURCES}, got {source!r}")
+    return source
+
+
+def item_category(ctx: Context, user_id: str | None, item_id: str) -> str:
+    """The category B1 names for `item_id`: its leaf (hierarchical catalogues such as Amazon's, where the
+    leaf is the most specific), or with ``b1_category: user_dominant`` the item's category that `user_id`
+    liked most often in training (flat genre lists such as MovieLens', where the last genre is only the
+    alphabetically last; ties go to the category listed first)."""
+    if ctx.taste is None or ctx.categories is None:
+        return ctx.leaf.get(item_id, "")
+    cats = ctx.categories.get(item_id) or []
+    if not cats:
+        return ""
+    counts = ctx.taste.get(user_id, Counter()) if user_id is not None else Counter()
+    return max(cats, key=lambda c: (counts.get(c, 0), -cats.index(c)))
 
 
 def select_targets(rows: pd.DataFrame, stride: int, per_user: int | None) -> pd.DataFrame:
@@ -239,8 +283,9 @@ def select_targets(rows: pd.DataFrame, stride: int, per_user: int | None) -> pd.
 def intention_query(ctx: Context, user_id: str, item_id: str) -> str:
     """A search intention for an item the user chose in training, from category, brand and their review."""
     parts = []
-    if ctx.leaf.get(item_id):
-        parts.append(f"something in {ctx.leaf[item_id].lower()}")
+    category = item_category(ctx, user_id, item_id)
+    if category:
+        parts.append(f"something in {category.lower()}")
     if ctx.brand.get(item_id):
         parts.append(f"by {ctx.brand[item_id]}")
     review, rating = ctx.reviews.get((user_id, item_id), ("", float("nan")))
@@ -263,9 +308,14 @@ def _top(counter: Counter, k: int, exclude: Iterable[str] = ()) -> list[str]:
 def preference_text(ctx: Context, user_id: str) -> str:
     liked = ctx.liked.get(user_id, [])
     disliked = ctx.disliked.get(user_id, [])
-    cats = _top(Counter(ctx.leaf.get(i, "") for i in liked), int(ctx.params["preference_top_categories"]))
+    n_top = int(ctx.params["preference_top_categories"])
+    if ctx.taste is not None and ctx.categories is not None:  # user_dominant: every genre of each item counts
+        cats = _top(ctx.taste.get(user_id, Counter()), n_top)
+        bad = _top(Counter(c for i in disliked for c in ctx.categories.get(i, ())), 1, exclude=cats)
+    else:
+        cats = _top(Counter(ctx.leaf.get(i, "") for i in liked), n_top)
+        bad = _top(Counter(ctx.leaf.get(i, "") for i in disliked), 1, exclude=cats)
     brands = _top(Counter(ctx.brand.get(i, "") for i in liked), 1)
-    bad = _top(Counter(ctx.leaf.get(i, "") for i in disliked), 1, exclude=cats)
     if cats:
         text = "Enjoys " + " and ".join(cats)
     elif liked and any(ctx.titles.get(i) for i in liked):
@@ -370,6 +420,27 @@ def _render(ctx: Context, ex: dict[str, Any], template_id: int) -> str:
     return render(task, template_id, **fields)
 
 
+C1_TASKS = ("item_text2scid", "item_scid2text")
+
+
+def item_weights(ctx: Context, pool: Sequence[Mapping[str, Any]]) -> np.ndarray | None:
+    """Sampling probabilities of a C1 pool's items under `sft_data.c1_item_sampling`: None = uniform (the
+    paper: every item alike); ``frequency`` with ``temperature`` tau = (training interactions + 1) ** tau,
+    so the items that users actually meet get aligned first (tau 1 = by frequency, 0 = uniform)."""
+    cfg = ctx.params.get("c1_item_sampling") or {}
+    kind = cfg.get("weighting", "uniform")
+    if kind == "uniform":
+        return None
+    if kind != "frequency":
+        raise ValueError(f"sft_data.c1_item_sampling.weighting must be 'uniform' or 'frequency', got {kind!r}")
+    tau = float(cfg.get("temperature", 1.0))
+    if tau < 0:
+        raise ValueError(f"sft_data.c1_item_sampling.temperature must be >= 0, got {tau}")
+    counts = ctx.item_counts or {}
+    w = np.array([(counts.get(ex["_item"], 0) + 1.0) ** tau for ex in pool], dtype=np.float64)
+    return w / w.sum()
+
+
 def task_rng(seed: int, task: str) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(task.encode())])
 
@@ -409,7 +480,11 @@ def build_sft_examples(ctx: Context, valid: pd.DataFrame, seed: int) -> tuple[pd
     for t in enabled:
         rng = task_rng(seed, t)
         pool = pools[t]
-        chosen = np.sort(rng.choice(len(pool), size=quotas[t], replace=False)) if quotas[t] < len(pool) else range(len(pool))
+        weights = item_weights(ctx, pool) if t in C1_TASKS else None
+        if quotas[t] < len(pool):
+            chosen = np.sort(rng.choice(len(pool), size=quotas[t], replace=False, p=weights))
+        else:
+            chosen = range(len(pool))
         templates = rng.integers(0, n_templates(t), size=len(pool))
         for k in chosen:
             ex = pool[k]

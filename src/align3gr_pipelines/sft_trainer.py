@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 FINGERPRINT_FILE = "run_fingerprint.json"
 # Trainer settings that do not change what is trained: a rerun may change them and still resume.
-RESUME_NEUTRAL = ("output_dir", "progress_bar", "keep_checkpoints", "torch_threads")
+RESUME_NEUTRAL = ("output_dir", "progress_bar", "keep_checkpoints", "torch_threads", "launch_timeout_s")
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -55,6 +55,7 @@ def encode_examples(
     max_length: int,
     prompt_label_ids: set[int] | frozenset[int] = frozenset(),
     with_index: bool = False,
+    label_prompt: list[bool] | None = None,
 ) -> tuple[list[dict[str, list[int]]], int]:
     """Token ids and labels per example; examples longer than `max_length` are dropped (count returned).
 
@@ -62,7 +63,12 @@ def encode_examples(
     there, the history inside a prompt is trained too (each item predicted from the items before it), the
     all-positions supervision SASRec gets from a sequence, at no extra forward cost.
     ``with_index`` adds ``example`` (position in the inputs) and ``response_start`` (first response index).
+    ``label_prompt`` (one flag per example) limits that to the flagged examples, e.g. the sequence tasks:
+    an item SCID inside another task's prompt (C1's "what is <i..>?") has no history before it, and
+    training it as a next-item target pulls the item prior towards uniform.
     """
+    if label_prompt is not None and len(label_prompt) != len(prompts):
+        raise ValueError(f"encode_examples: {len(label_prompt)} label_prompt flags for {len(prompts)} prompts")
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]  # == encode_prompt, batched
     out, dropped = [], 0
     for k, (p_ids, response) in enumerate(zip(prompt_ids, responses)):
@@ -70,7 +76,8 @@ def encode_examples(
         if len(p_ids) + len(r_ids) > max_length:
             dropped += 1
             continue
-        p_labels = [i if i in prompt_label_ids else IGNORE_INDEX for i in p_ids]
+        labelled = prompt_label_ids if label_prompt is None or label_prompt[k] else frozenset()
+        p_labels = [i if i in labelled else IGNORE_INDEX for i in p_ids]
         out.append({"input_ids": list(p_ids) + r_ids, "labels": p_labels + r_ids})
         if with_index:
             out[-1].update(example=k, response_start=len(p_ids))
@@ -162,6 +169,50 @@ def _throughput_callback() -> Any:
     return Throughput()
 
 
+SELECTION_METRICS = ("valid_recall", "eval_loss")
+
+
+def selection_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`trainer.model_selection` with defaults; metric eval_loss = the loss of the valid SEQ examples."""
+    sel = {"metric": "eval_loss", "k": 10, "n_users": 200, "beam_width": 20, "batch_size": 64,
+           **(cfg.get("model_selection") or {})}
+    if sel["metric"] not in SELECTION_METRICS:
+        raise ValueError(f"sft_train.trainer.model_selection.metric must be one of {SELECTION_METRICS}, got {sel['metric']!r}")
+    return sel
+
+
+def selection_metric(cfg: dict[str, Any]) -> str:
+    """The Trainer's metric_for_best_model (early stopping watches it too)."""
+    sel = selection_settings(cfg)
+    return "eval_loss" if sel["metric"] == "eval_loss" else f"eval_recall@{int(sel['k'])}"
+
+
+def valid_recall_callback(score: Any, key: str) -> Any:
+    """A Trainer callback that adds `score(model)` (e.g. valid Recall@10 with the constrained decoder) to
+    every evaluation's metrics under `key`, before checkpoint selection and early stopping read them, and
+    to the evaluation's entry of the log history (so the curve survives a resume and reaches MLflow).
+    Put it before the EarlyStoppingCallback: callbacks run in order."""
+    from transformers import TrainerCallback
+
+    class ValidRecall(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            was_training = model.training
+            model.eval()
+            try:
+                value = float(score(model))
+            finally:
+                model.train(was_training)
+            if metrics is not None:
+                metrics[key] = value
+            for entry in reversed(state.log_history):
+                if "eval_loss" in entry and entry.get("step") == state.global_step:
+                    entry[key] = value
+                    break
+            log.info("sft_train: step %d %s %.4f", state.global_step, key, value)
+
+    return ValidRecall()
+
+
 def _bf16(setting: Any) -> bool:
     if setting == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -204,8 +255,8 @@ def training_arguments(cfg: dict[str, Any], output_dir: str, seed: int) -> Any:
         save_steps=eval_steps,  # early stopping needs a checkpoint at every evaluation
         save_total_limit=int(cfg.get("save_total_limit", 2)),
         load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
+        metric_for_best_model=selection_metric(cfg),
+        greater_is_better=selection_metric(cfg) != "eval_loss",
         restore_callback_states_from_checkpoint=True,
         prediction_loss_only=True,
         include_num_input_tokens_seen="non_padding",
@@ -242,7 +293,6 @@ def train_causal_lm(
     training rows carrying ``tca_*`` fields (see `attach_tca4rec_targets`) are trained with its loss.
     """
     from transformers import EarlyStoppingCallback, Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     if not train_rows:
         raise ValueError("sft_train: no training examples left (all longer than max_length?)")
@@ -251,7 +301,7 @@ def train_causal_lm(
     args = training_arguments(cfg, output_dir, seed)
     throughput = _throughput_callback()
     stop = cfg.get("early_stopping") or {}
-    cbs = [throughput, *(callbacks or [])]
+    cbs = [throughput, *(callbacks or [])]  # valid-recall scoring comes in `callbacks`, before early stopping
     if stop.get("patience"):
         cbs.append(EarlyStoppingCallback(int(stop["patience"]), float(stop.get("threshold", 0.0))))
     if getattr(model, "peft_config", None) and args.activation_checkpointing:
@@ -270,7 +320,7 @@ def train_causal_lm(
         callbacks=cbs,
         compute_loss_func=compute_loss_func,
     )
-    last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    last = last_complete_checkpoint(output_dir)
     resumed = 0
     if last:
         resumed = json.loads((Path(last) / "trainer_state.json").read_text())["global_step"]
@@ -436,6 +486,34 @@ def _split_rows(examples: pd.DataFrame, cfg: dict[str, Any], seed: int) -> tuple
     return train, valid
 
 
+def recall_scorer(rec: RecLM, item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame | None,
+                  selection: dict[str, Any], seed: int) -> Any:
+    """model -> valid Recall@K over a seeded sample of valid users (the same users at every evaluation)."""
+    from types import SimpleNamespace
+
+    from align3gr_pipelines.valid_recall import build_valid_sample, recall_at_k, sample_valid_prompts
+
+    if seq_eval_prompts is None:
+        raise ValueError("sft_train.trainer.model_selection.metric=valid_recall needs 'seq_eval_prompts' (from sft_data); "
+                         "pass it or set model_selection.metric: eval_loss")
+    n_users = selection.get("n_users")
+    rows = sample_valid_prompts(seq_eval_prompts, None if n_users is None else int(n_users), seed)
+    sample = build_valid_sample(rows, item_scids, rec.tokenizer)
+    k, beam, batch = int(selection["k"]), int(selection["beam_width"]), int(selection["batch_size"])
+    return lambda model: recall_at_k(SimpleNamespace(model=model, tokenizer=rec.tokenizer), sample, k, beam, batch)
+
+
+def history_label_flags(train_df: pd.DataFrame, tcfg: dict[str, Any]) -> list[bool] | None:
+    """Which training examples get their prompt's item SCIDs labelled (`trainer.history_loss_tasks`):
+    None = every example (the old behaviour), else the examples of the listed tasks."""
+    tasks = tcfg.get("history_loss_tasks")
+    if tasks is None:
+        return None
+    if "task" not in train_df.columns:
+        raise ValueError("sft_train.trainer.history_loss_tasks needs the 'task' column in 'sft_examples'")
+    return train_df["task"].isin(list(tasks)).tolist()
+
+
 def cpu_threads(setting: Any) -> int | None:
     """Intra-op threads for CPU training: 'auto' leaves one core free (torch's spinning workers collapse,
     4x on our 2-core machines, as soon as anything else wants a core); an int forces; None = torch's default."""
@@ -455,15 +533,19 @@ def fit_sft(
     callbacks: list[Any] | None = None,
     compute_loss_func: Any = None,
     cf_model: Any = None,
+    seq_eval_prompts: pd.DataFrame | None = None,
 ) -> tuple[RecLM, dict[str, Any]]:
     """Build (or reload, to resume) the backbone, train it on `examples`, return the RecLM and metrics.
 
     `callbacks` are extra Trainer callbacks; `compute_loss_func(outputs, labels, num_items_in_batch)`
     replaces the causal-LM cross-entropy (the hook an alternative SFT objective plugs into).
     ``cfg["objective"] == "tca4rec"`` trains the SEQ examples' response SCIDs with TCA4Rec soft labels
-    (`tca4rec.py`) from `cf_model` (the tokenization stage's SASRec); validation loss stays plain CE."""
+    (`tca4rec.py`) from `cf_model` (the tokenization stage's SASRec); validation loss stays plain CE.
+    ``trainer.model_selection.metric: valid_recall`` chooses the checkpoint (and stops early) by Recall@K of
+    the constrained decoder on a seeded sample of the valid users of `seq_eval_prompts`."""
     torch.manual_seed(seed)
     tcfg = cfg["trainer"]
+    selection = selection_settings(tcfg)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(
             "sft_train: do not start `kedro run` under torchrun/accelerate; run it once and set "
@@ -516,7 +598,7 @@ def fit_sft(
     history_ids = frozenset(rec.token_ids(vocab["item"])) if tcfg.get("history_loss", False) else frozenset()
     train_rows, dropped_train = encode_examples(
         rec.tokenizer, train_df["prompt"].tolist(), train_df["response"].tolist(), max_length, history_ids,
-        with_index=tca_settings is not None,
+        with_index=tca_settings is not None, label_prompt=history_label_flags(train_df, tcfg),
     )
     tca, n_tca = None, 0
     if tca_settings is not None:
@@ -529,6 +611,14 @@ def fit_sft(
     if dropped_train or dropped_eval:
         log.warning("sft_train: dropped %d train / %d valid examples longer than max_length=%d", dropped_train, dropped_eval, max_length)
 
+    callbacks = list(callbacks or [])
+    if selection["metric"] == "valid_recall":
+        if nproc > 1:
+            log.warning("sft_train: model_selection valid_recall is single-process only; torchrun ranks select on eval_loss")
+            tcfg = {**tcfg, "model_selection": {**selection, "metric": "eval_loss"}}
+        else:
+            callbacks.append(valid_recall_callback(recall_scorer(rec, item_scids, seq_eval_prompts, selection, seed),
+                                                   selection_metric(tcfg)))
     if nproc > 1:  # torchrun gives each worker one thread on CPU
         rec, result = _fit_distributed(rec, train_rows, eval_rows, tcfg, seed, output_dir, nproc)
     else:
@@ -570,10 +660,13 @@ def fit_sft(
 
 def training_metrics(result: TrainResult, rec: RecLM, train_rows: list, eval_rows: list, dropped: int, tcfg: dict[str, Any]) -> dict[str, Any]:
     curves: dict[str, list[list[float]]] = {"train_loss": [], "eval_loss": [], "learning_rate": [], "grad_norm": []}
+    recall_keys = sorted({k for h in result.log_history for k in h if k.startswith("eval_recall@")})
+    pairs = [("loss", "train_loss"), ("eval_loss", "eval_loss"), ("learning_rate", "learning_rate"), ("grad_norm", "grad_norm")]
+    pairs += [(k, "valid_" + k[len("eval_"):]) for k in recall_keys]  # valid_recall@10: the selection curve
     for h in result.log_history:
-        for key, name in (("loss", "train_loss"), ("eval_loss", "eval_loss"), ("learning_rate", "learning_rate"), ("grad_norm", "grad_norm")):
+        for key, name in pairs:
             if key in h:
-                curves[name].append([int(h["step"]), float(h[key])])
+                curves.setdefault(name, []).append([int(h["step"]), float(h[key])])
     n_params = sum(p.numel() for p in rec.model.parameters())
     n_trainable = sum(p.numel() for p in rec.model.parameters() if p.requires_grad)
     scalars = {
@@ -589,6 +682,9 @@ def training_metrics(result: TrainResult, rec: RecLM, train_rows: list, eval_row
         "n_trainable_params": float(n_trainable),
         "vocab_size": float(len(rec.tokenizer)),
     }
+    for key in recall_keys:
+        name = "valid_" + key[len("eval_"):]
+        scalars["best_" + name] = max(v for _, v in curves[name])
     scalars = {k: v for k, v in scalars.items() if v is not None}  # JSON has no NaN; absent means not measured
     info = {
         "device": result.device,
@@ -599,6 +695,8 @@ def training_metrics(result: TrainResult, rec: RecLM, train_rows: list, eval_row
         "tokens_seen_this_session": result.tokens_seen,
         # train loss covers the labelled history SCIDs too when history_loss is on; eval loss is response-only
         "history_loss": bool(tcfg.get("history_loss", False)),
+        "history_loss_tasks": tcfg.get("history_loss_tasks"),
+        "model_selection": selection_metric(tcfg),
         **result.extra,
         "dropped_too_long": dropped,
         "backbone": rec.meta.get("backbone"),
@@ -609,6 +707,27 @@ def training_metrics(result: TrainResult, rec: RecLM, train_rows: list, eval_row
 
 
 # ------------------------------------------------------------------------------------- distributed
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-<step>`` the Trainer finished writing, or None. The Trainer writes
+    ``trainer_state.json`` last, so a folder without it was cut short by a kill; such folders (newer than
+    the last complete one) are removed, as resuming from them fails and the Trainer would write into them."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    steps = sorted(
+        (int(p.name.split("-")[-1]), p) for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and p.name.split("-")[-1].isdigit()
+    )
+    for _, path in reversed(steps):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        log.warning("sft_train: %s is incomplete (no trainer_state.json; a kill while saving?): removed", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def _fit_distributed(
@@ -622,15 +741,49 @@ def _fit_distributed(
                                                  "output_dir": str(output_dir)}, default=str))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "align3gr_pipelines.sft_trainer", str(job)]
-    log.info("sft_train: launching %s", " ".join(cmd))
+    timeout = tcfg.get("launch_timeout_s")
+    timeout = None if timeout is None else float(timeout)
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"sft_train.trainer.launch_timeout_s must be > 0 or null, got {timeout}")
+    log.info("sft_train: launching %s (timeout %s s)", " ".join(cmd), timeout)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run(cmd, env=env)
-    if done.returncode != 0 or not (job / "result.json").is_file():
-        raise RuntimeError(f"sft_train: distributed training failed (torchrun exit code {done.returncode}); see the log above")
+    # Its own process group, so that a timeout ends torchrun *and* its ranks (a hung gloo rank would
+    # otherwise outlive a killed torchrun).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _end_group(proc)
+        raise RuntimeError(
+            f"sft_train: distributed training did not finish within sft_train.trainer.launch_timeout_s={timeout:g} s; "
+            "its processes were ended (raise the limit for longer runs, or null for none)"
+        ) from None
+    except BaseException:
+        _end_group(proc)
+        raise
+    if returncode != 0 or not (job / "result.json").is_file():
+        raise RuntimeError(f"sft_train: distributed training failed (torchrun exit code {returncode}); see the log above")
     result = TrainResult(**json.loads((job / "result.json").read_text()))
     trained = RecLM.from_pretrained(str(job / "final"), device="cpu", trainable=True)
     trained.meta = rec.meta
     return trained, result
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, a grace period, then SIGKILL to the process group `proc` leads (started in a new session):
+    ranks that outlive torchrun are ended too."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _worker(job_dir: str) -> None:

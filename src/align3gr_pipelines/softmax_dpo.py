@@ -12,6 +12,13 @@ gets most of the gradient. With N = 1 the sum has one term and L = -log σ(β·(
 Since -log σ(-x) = softplus(x), the loss is softplus(logsumexp_j β·(r_j − r_c)), which is how it is
 computed (stable for any magnitude of the rewards). Rejected lists of different lengths are padded and
 masked out of the logsumexp.
+
+Likelihood displacement guard (RPO, Pang et al. 2024 "Iterative Reasoning Preference Optimization"; the
+same term in Liu et al. 2024 "Provably Mitigating Overoptimization"): DPO only asks the chosen response to
+gain *relative to* the rejected ones, so both can fall together — the chosen item's log-probability drops
+while the margin grows, and top-K recall falls with it. ``nll_weight`` = α adds α · NLL(chosen), the
+chosen response's negative log-likelihood per token, to each example's loss. α = 0 is exactly Softmax-DPO
+(the term is not even computed); the paper (Align3GR) has no such term.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class SoftmaxDPOOutput:
     rejected_rewards: torch.Tensor  # [B, N], detached; padded slots hold NaN
     reward_margin: torch.Tensor  # [B]: chosen reward − mean reward of the valid rejected ones
     reward_accuracy: torch.Tensor  # [B]: 1.0 where the chosen reward beats every rejected reward
+    chosen_nll: torch.Tensor  # [B]: per-token NLL of the chosen response under the policy, detached
 
 
 def softmax_dpo_loss(
@@ -38,10 +46,17 @@ def softmax_dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
     rejected_mask: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+    chosen_lengths: torch.Tensor | None = None,
 ) -> SoftmaxDPOOutput:
-    """S-DPO loss from sequence log-probabilities: chosen [B], rejected [B, N], mask [B, N] (True = real)."""
+    """S-DPO loss from sequence log-probabilities: chosen [B], rejected [B, N], mask [B, N] (True = real).
+
+    ``nll_weight`` > 0 adds ``nll_weight · (−policy_chosen_logps / chosen_lengths)`` per example (RPO);
+    ``chosen_lengths`` [B] = tokens in each chosen response (None = 1, i.e. the summed log-prob)."""
     if beta <= 0:
         raise ValueError(f"softmax_dpo_loss: beta must be > 0, got {beta}")
+    if nll_weight < 0:
+        raise ValueError(f"softmax_dpo_loss: nll_weight must be >= 0, got {nll_weight}")
     if policy_rejected_logps.ndim != 2 or policy_chosen_logps.shape != policy_rejected_logps.shape[:1]:
         raise ValueError(
             "softmax_dpo_loss: expected chosen log-probs [B] and rejected [B, N], got "
@@ -59,6 +74,10 @@ def softmax_dpo_loss(
     # Padded slots become -inf so they add exp(-inf) = 0 to the sum (masked_fill keeps their gradient 0).
     logits = logits.masked_fill(~rejected_mask, float("-inf"))
     losses = F.softplus(torch.logsumexp(logits, dim=1))
+    lengths = torch.ones_like(policy_chosen_logps) if chosen_lengths is None else chosen_lengths.to(policy_chosen_logps)
+    chosen_nll = -policy_chosen_logps / lengths.clamp(min=1)
+    if nll_weight > 0:
+        losses = losses + nll_weight * chosen_nll
 
     with torch.no_grad():
         chosen_rewards = beta * chosen_logratio.detach()
@@ -75,4 +94,5 @@ def softmax_dpo_loss(
         rejected_rewards=rejected_rewards,
         reward_margin=margin,
         reward_accuracy=accuracy,
+        chosen_nll=chosen_nll.detach(),
     )

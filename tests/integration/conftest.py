@@ -1,11 +1,12 @@
 """Fixtures for the integration tests: a toy Kedro project wired to the real settings, hooks and CLI.
 
 The real stages are developed in parallel, so these tests run the project's machinery (hooks, lineage,
-kedro-mlflow config, `kedro lineage`, kedro-viz, the notebook) on ``toy_project/``: four tiny stages
-that really compute and write datasets under the real names (items, item_scids, evaluation_metrics...).
+kedro-mlflow config, `kedro lineage`, the notebook; kedro-viz draws the real project) on ``toy_project/``:
+four tiny stages that really compute and write datasets under the real names (items, item_scids, evaluation_metrics...).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -20,18 +21,14 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from .mlflow_server import MlflowServer, ServerStartError, free_port  # noqa: F401  (free_port: for the tests)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TOY_TEMPLATE = HERE / "toy_project"
 # Copied from the real project so that the toy runs the real MLflow configuration.
 REAL_CONF_FILES = ("mlflow.yml", "parameters.yml")
 ENV_VARS = ("MLFLOW_TRACKING_URI", "ALIGN3GR_ON_STALE", "ALIGN3GR_PROJECT_PATH", "MLFLOW_EXPERIMENT_NAME")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_project(dest: Path) -> Path:
@@ -69,18 +66,28 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _restore_globals() -> Iterator[None]:
-    cwd, uri = Path.cwd(), mlflow.get_tracking_uri()
-    yield
+# What a toy-project run leaves configured in this process, as found before any test ran.
+_START_CWD, _START_URI = Path.cwd(), mlflow.get_tracking_uri()
+
+
+def reset_globals() -> None:
+    """Undo what a toy-project run configures process-wide: an open MLflow run, the tracking URI, the
+    working directory and Kedro's configured package (settings, pipelines)."""
     while mlflow.active_run():
         mlflow.end_run()
-    mlflow.set_tracking_uri(uri)
-    os.chdir(cwd)
-    # Later tests in this process that use the real project must not find the toy package configured.
+    mlflow.set_tracking_uri(_START_URI)
+    os.chdir(_START_CWD)
     from kedro.framework.project import configure_project
 
     configure_project("align3gr_pipelines")
+
+
+@pytest.fixture(autouse=True)
+def _restore_globals() -> Iterator[None]:
+    # Per test, not per session: a unit test collected after these must not run with the toy project's
+    # settings or its MLflow URI still configured.
+    yield
+    reset_globals()
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +98,10 @@ def built_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for var in ENV_VARS:  # never log the fixture's run to a server configured in the caller's shell
             mp.delenv(var, raising=False)
         mp.chdir(project)  # mlflow.yml's sqlite:///mlflow.db is relative to the working directory
-        run_project(project)
+        try:
+            run_project(project)
+        finally:
+            reset_globals()  # built inside some test's setup; leave nothing configured for the others
     return project
 
 
@@ -104,60 +114,14 @@ def project_copy(built_project: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     return dest
 
 
-class MlflowServer:
-    """A real `mlflow server` on loopback with a SQLite backend, in its own process group."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = root / "server.log"
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner workers
-        mlflow_cli = Path(sys.executable).with_name("mlflow")
-        self._log_file = self.log.open("wb")
-        self.proc = subprocess.Popen(
-            [str(mlflow_cli), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-             "--artifacts-destination", str(root / "artifacts"),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            cwd=root, env=env, stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        self.started = time.monotonic()
-
-    def wait_ready(self, timeout: float) -> str | None:
-        """None once the REST API answers, else why it did not."""
-        while time.monotonic() - self.started < timeout:
-            if self.proc.poll() is not None:
-                return f"mlflow server exited with {self.proc.returncode}: {self.log.read_text()[-1500:]}"
-            try:
-                with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/experiments/search?max_results=1", timeout=2):
-                    return None
-            except OSError:
-                time.sleep(0.3)
-        return f"mlflow server did not answer within {timeout:.0f} s: {self.log.read_text()[-1500:]}"
-
-    def stop(self) -> None:
-        # The server and its uvicorn worker form the process group we started; end that group only.
-        self._log_file.close()
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the group outlived SIGTERM
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _mlflow_server_early(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer | None]:
     # The server takes 15-40 s to answer on two busy cores; start it before the other tests run, not
     # when its test comes up, and only if that test was collected.
     if not any("mlflow_server" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
+    if importlib.util.find_spec("mlflow") is None:  # the one reason to skip; its test says so
         yield None
         return
     server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
@@ -168,10 +132,12 @@ def _mlflow_server_early(request: pytest.FixtureRequest, tmp_path_factory: pytes
 @pytest.fixture
 def mlflow_server(_mlflow_server_early: MlflowServer | None) -> Iterator[MlflowServer]:
     server = _mlflow_server_early
-    assert server is not None
-    problem = server.wait_ready(timeout=120)
-    if problem:
+    if server is None:
+        pytest.skip("mlflow is not installed")
+    try:
+        server.wait_ready(timeout=180)
+    except ServerStartError as error:  # a server that dies or never answers is a failure, with its log
         server.stop()
-        pytest.skip(f"could not start a local mlflow server: {problem}")
+        pytest.fail(str(error), pytrace=False)
     yield server
     server.stop()  # not at session end: the rest of the suite should not share the CPUs with it

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MlflowServer, run_project
+from .conftest import run_project
+from .mlflow_server import MlflowServer
 
 
 def rest(server: MlflowServer, endpoint: str, body: dict | None = None, **query: str) -> dict:

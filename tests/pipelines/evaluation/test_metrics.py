@@ -12,6 +12,7 @@ from align3gr_pipelines.metrics import (
     paired_permutation_test,
     ranking_metrics,
     recall_at_k,
+    tie_group_at_list_end,
 )
 
 LISTS = [
@@ -92,3 +93,15 @@ def test_paired_permutation_test():
     assert p == pytest.approx(2 / 8, abs=0.02)
     both = paired_permutation_test(np.stack([better, base], 1), np.stack([base, base], 1), 2000, seed=0)
     assert both[0] < 0.01 and both[1] == 1.0
+
+
+def test_tie_group_at_list_end_by_hand():
+    lists = [list("abcd")] * 5
+    scores = [[4, 3, 3, 3], [4, 3, 3, 3], [4, 3, 2, 2], [4, 3, 2, 1], [4, 4, 3, 3]]
+    targets = ["b", "d", "c", "d", "z"]
+    # user 0: group {1, 2, 3} starts within k=2 and holds the last slot -> flagged
+    # user 1: the same group, target at the end -> flagged too (the group is what counts)
+    # user 2: group {2, 3} starts after k=2 -> its credit at k <= 2 is 0 however long it runs
+    # user 3: the target alone at the last slot is no evidence of a tie; user 4: a miss
+    assert tie_group_at_list_end(lists, targets, scores, 2).tolist() == [True, True, False, False, False]
+    assert tie_group_at_list_end(lists, targets, scores, 3).tolist() == [True, True, True, False, False]

@@ -55,6 +55,9 @@ def run(tiny_data, root, present: set[str], tmp_path, params=PARAMS):
         path = root / dataset if dataset in present else tmp_path / f"never_run_{dataset}"
         datasets[dataset] = CheckpointDataset(str(path), "align3gr_pipelines.rec_lm.RecLM", load_args={"device": "cpu"}, optional=True)
     datasets["sasrec_model"] = CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.sasrec.SASRec", optional=True)
+    # report_preference_stages reads the held-out targets' feedback levels (issue 15)
+    held = [tiny_data[s].assign(split=s, level="liked") for s in ("valid", "test")]
+    datasets["feedback"] = MemoryDataset(pd.concat(held).rename(columns={"target": "item_id"})[["user_id", "item_id", "split", "level"]])
     datasets["params:evaluation"] = MemoryDataset(params)
     datasets["params:seed"] = MemoryDataset(7)
     for name in OUTPUTS:
@@ -158,3 +161,45 @@ def test_eval_cases_truncate_history_and_sample_users_per_split(tiny_data):
     stale_cases = build_eval_cases(tiny_data["valid"], tiny_data["test"], {**PARAMS, "max_users": None}, seed=5)
     with pytest.raises(ValueError, match="stale"):
         build_eval_prompts(stale_cases, stale, tiny_data["item_scids"], tiny_data["user_scids"], params)
+
+
+def _tied_list(model: str, target_rank: int, tied: range) -> pd.DataFrame:
+    """One user's top-20 list of items r1..r20 (score 100 - rank), the ranks in `tied` sharing one score,
+    and the target placed at `target_rank`."""
+    ranks = np.arange(1, 21)
+    scores = (100.0 - ranks).astype(float)
+    scores[np.isin(ranks, list(tied))] = 50.0
+    items = [f"r{r}" for r in ranks]
+    items[target_rank - 1] = "t"
+    return pd.DataFrame({"model": model, "split": "test", "user_id": "u1", "rank": ranks, "item_id": items, "score": scores})
+
+
+def test_a_tie_group_straddling_the_largest_k_is_credited_over_the_whole_kept_list():
+    """ks [5, 10], top_k 20; items at ranks 9-12 share one score. By the tie rule the target anywhere in
+    that group earns recall@10 = 2/4 (positions 9 and 10 of 4) and NDCG@10 = (1/log2 10 + 1/log2 11) / 4,
+    whether the arbitrary tie-break put it at rank 9 or at rank 12. A list cut at rank 10 before the tie
+    rule gave 1.0 and 0.0 instead."""
+    recs = pd.concat([
+        _tied_list("tie_first", 9, range(9, 13)),
+        _tied_list("tie_last", 12, range(9, 13)),
+        _tied_list("no_tie", 12, range(0)),
+        _tied_list("end_tie", 20, range(19, 21)),  # a group past max(ks) that holds the last kept rank
+        _tied_list("long_tie", 9, range(9, 21)),  # from rank 9 to the list's end: may go on, reported
+    ], ignore_index=True)
+    cases = pd.DataFrame({"split": "test", "user_id": ["u1"], "history": [[]], "target": ["t"]})
+    info = {"models": [{"model": m} for m in ["tie_first", "tie_last", "no_tie", "end_tie", "long_tie"]], "skipped": []}
+    table, md, js = compute_metrics(recs, cases, info, PARAMS, seed=0)
+    value = table.set_index(["model", "metric"])["value"]
+    group_ndcg10 = (1 / np.log2(10) + 1 / np.log2(11)) / 4
+    for model in ["tie_first", "tie_last"]:
+        assert value[model, "recall@10"] == pytest.approx(0.5)
+        assert value[model, "ndcg@10"] == pytest.approx(group_ndcg10)
+        assert value[model, "recall@5"] == 0.0 and value[model, "ndcg@5"] == 0.0
+    assert value["no_tie", "recall@10"] == 0.0 and value["no_tie", "ndcg@10"] == 0.0
+    assert value["end_tie", "recall@10"] == 0.0
+    assert value["long_tie", "recall@10"] == pytest.approx(2 / 12)
+    assert value["long_tie", "ndcg@10"] == pytest.approx((1 / np.log2(10) + 1 / np.log2(11)) / 12)
+    assert js["info"]["ties_at_list_end"] == {"test/long_tie": 1}
+    assert "- test/long_tie: 1" in md
+    with pytest.raises(ValueError, match="top_k"):
+        compute_metrics(recs, cases, info, {**PARAMS, "ks": [5, 30]}, seed=0)

@@ -80,71 +80,87 @@ def test_valid_and_test_feedback_is_never_read():
 LEVELS = pd.DataFrame(
     {
         "user_id": "u",
-        "item_id": ["a", "b", "c", "d", "e", "g"],
-        "level": ["liked", "liked", "disliked", "disliked", "neutral", "liked"],
-        "timestamp": [1, 2, 3, 4, 5, 6],
+        "item_id": ["a", "b", "c", "d", "e", "g", "h"],
+        "level": ["liked", "liked", "disliked", "disliked", "neutral", "liked", "disliked"],
+        "timestamp": [1, 2, 3, 4, 5, 6, 0],
     }
 )
-TOKENS = {i: f"<i0_{n}><i1_0>" for n, i in enumerate("abcdefgxyz")}
-CODES = {i: [n, 0] for n, i in enumerate("abcdefgxyz")}
-PROMPTS = pd.DataFrame({"user_id": ["u"], "prompt": ["p"], "history": [["a"]], "target": ["b"], "position": [1]})
-RECS = pd.DataFrame({"user_id": "u", "item_id": ["a", "x", "c", "g", "e", "y"], "rank": range(6)})
+TOKENS = {i: f"<i0_{n}><i1_0>" for n, i in enumerate("abcdefghxyz")}
+CODES = {i: [n, 0] for n, i in enumerate("abcdefghxyz")}
+# The user rated h (disliked), a, then b (the prompt's target), c, d, e, g. The prompt shows [a]; h was
+# rated before the prompt but is not in its history (cut by max_history).
+PROMPTS = pd.DataFrame(
+    {"user_id": ["u"], "prompt": ["p"], "history": [["a"]], "target": ["b"], "position": [2], "future": [["c", "d", "e", "g"]]}
+)
+RECS = pd.DataFrame({"user_id": "u", "item_id": ["a", "x", "d", "g", "h", "e", "y"], "rank": range(7)})
 
 
-def _pairs(stage, n=4, pad=True, exclude=True, recs=RECS):
-    pairs, stats = build_feedback_pairs(PROMPTS, recs, LEVELS, stage, n, pad, exclude, TOKENS, CODES)
+def _pairs(stage, n=4, pad=False, recs=RECS, prompts=PROMPTS):
+    pairs, stats = build_feedback_pairs(prompts, recs, LEVELS, stage, n, pad, TOKENS, CODES)
     assert len(pairs) == 1
     return pairs.iloc[0], stats
 
 
-def test_easy_pairs_liked_vs_disliked():
+def test_easy_pairs_liked_target_vs_later_disliked():
     row, stats = _pairs("easy")
-    # 'a' is recommended and liked but already in the prompt's history: not chosen; 'g' is the best
-    # recommended liked item. Rejected: recommended disliked, then the user's other disliked, then unrated.
-    assert row.chosen == "g" and row.chosen_source == "recommended"
-    assert list(row.rejected) == ["c", "d", "x", "y"]
-    assert list(row.rejected_level) == ["disliked", "disliked", "unrated", "unrated"]
-    assert list(row.rejected_source) == ["recommended", "user_history", "unrated_recommendation", "unrated_recommendation"]
-    assert (row.n_from_recommendations, row.n_from_user_history, row.n_from_unrated, row.filled) == (1, 1, 2, 3)
-    assert stats["chosen_recommended"] == 1
+    # chosen = the prompt's target (the true next item), never the recommended liked 'g' or 'a' (history).
+    # rejected = later-rated disliked items the policy recommended ('d'), then the other later-rated
+    # disliked ones ('c'); never 'h' (disliked, recommended, but rated before the prompt).
+    assert row.chosen == "b" and row.chosen_source == "target"
+    assert list(row.rejected) == ["d", "c"]
+    assert list(row.rejected_level) == ["disliked", "disliked"]
+    assert list(row.rejected_source) == ["recommended", "later_rated"]
+    assert (row.n_from_recommendations, row.n_from_later_rated, row.n_from_unrated, row.filled) == (1, 1, 0, 1)
+    assert stats["chosen_target"] == 1
     assert list(row.rejected_tokens) == [TOKENS[i] for i in row.rejected]
 
 
-def test_hard_pairs_liked_vs_neutral():
+def test_hard_pairs_liked_vs_later_neutral():
     row, _ = _pairs("hard")
-    assert row.chosen == "g" and list(row.rejected) == ["e", "x", "y"]
-    assert list(row.rejected_level) == ["neutral", "unrated", "unrated"]
+    assert row.chosen == "b" and list(row.rejected) == ["e"] and list(row.rejected_level) == ["neutral"]
 
 
-def test_mixed_pairs_and_padding_switch():
+def test_mixed_pairs_and_the_unrated_switch():
     row, _ = _pairs("mixed", n=3)
-    assert list(row.rejected) == ["c", "e", "d"]
-    row, _ = _pairs("easy", pad=False)
-    assert list(row.rejected) == ["c", "d"] and row.n_from_unrated == 0
+    assert list(row.rejected) == ["d", "e", "c"]
+    row, _ = _pairs("easy", pad=True)
+    # only behind the switch: recommendations the user never rated ('x', 'y'), after the rated ones
+    assert list(row.rejected) == ["d", "c", "x", "y"] and row.n_from_unrated == 2
 
 
-def test_ground_truth_chosen_when_no_liked_item_is_recommended():
-    recs = RECS[RECS["item_id"].isin(["x", "c"])]
-    row, stats = _pairs("easy", recs=recs)
-    assert row.chosen == "b" and row.chosen_source == "ground_truth" and stats["chosen_ground_truth"] == 1
-    row, _ = _pairs("easy", recs=RECS, exclude=False)
-    assert row.chosen == "a"  # with history items allowed, the top recommended liked item
+def test_chosen_is_a_later_liked_item_when_the_target_is_not_liked():
+    prompts = PROMPTS.assign(target=["c"], future=[["d", "e", "g"]], history=[["a", "b"]])
+    row, stats = _pairs("easy", prompts=prompts)
+    assert row.chosen == "g" and row.chosen_source == "later_liked" and stats["chosen_later_liked"] == 1
+    assert list(row.rejected) == ["d"]
 
 
-def test_user_without_rejected_items_is_dropped():
-    pairs, stats = build_feedback_pairs(PROMPTS, RECS[RECS["item_id"] == "g"], LEVELS[LEVELS["level"] == "liked"], "easy", 4, True, True, TOKENS, CODES)
+def test_never_a_history_or_pre_prompt_item_as_chosen_or_rejected():
+    # Every recommendation is liked and in the history, or disliked but rated before the prompt.
+    recs = pd.DataFrame({"user_id": "u", "item_id": ["a", "h"], "rank": [0, 1]})
+    prompts = PROMPTS.assign(target=["e"], future=[[]])  # target neutral, no future: nothing to choose
+    pairs, stats = build_feedback_pairs(prompts, recs, LEVELS, "easy", 4, True, TOKENS, CODES)
+    assert len(pairs) == 0 and stats["dropped_no_liked_future"] == 1
+    pairs, stats = build_feedback_pairs(PROMPTS.assign(future=[["g"]]), recs, LEVELS, "easy", 4, True, TOKENS, CODES)
     assert len(pairs) == 0 and stats["dropped_no_rejected"] == 1
 
 
-def test_user_prompts_take_the_prefix_before_the_latest_liked_training_item():
+def test_user_prompts_latest_and_random_liked_positions():
     seqs = pd.DataFrame(
-        {"user_id": "u", "history": [["a"], ["a", "b"], ["a", "b", "c"]], "target": ["b", "c", "d"], "position": [1, 2, 3]}
+        {"user_id": "u", "history": [["a"], ["a", "b"], ["a", "b", "c"], ["a", "b", "c", "d"], ["a", "b", "c", "d", "e"]],
+         "target": ["b", "c", "d", "e", "g"], "position": [1, 2, 3, 4, 5]}
     )
     prompts, stats = user_prompts(seqs, LEVELS, TOKENS, {"u": "<u0_1>"}, 0, None, 0)
-    assert prompts.iloc[0].target == "b" and prompts.iloc[0].history == ["a"]
+    assert prompts.iloc[0].target == "g" and list(prompts.iloc[0].future) == []  # latest liked
+    prompts, _ = user_prompts(seqs, LEVELS, TOKENS, {"u": "<u0_1>"}, 0, None, 0, position="random_liked")
+    # the only liked transition with a later non-liked item is b's
+    assert prompts.iloc[0].target == "b" and list(prompts.iloc[0].future) == ["c", "d", "e", "g"]
+    assert prompts.iloc[0].history == ["a"]
     assert prompts.iloc[0].prompt.startswith("User <u0_1> has interacted with items <i0_0><i1_0> in order.")
     none, stats = user_prompts(seqs, LEVELS.assign(level="neutral"), TOKENS, None, 0, None, 0)
     assert len(none) == 0 and stats["n_users_without_liked_train_item"] == 1
+    with pytest.raises(ValueError, match="rf_dpo.prompts.position"):
+        user_prompts(seqs, LEVELS, TOKENS, None, 0, None, 0, position="first")
 
 
 def test_resolve_node_calibrates_the_scorer_on_rated_reviews():
@@ -170,6 +186,6 @@ def test_user_prompts_cut_history_to_the_sft_prompt_length():
         {"user_id": ["u"], "history": [["a", "c", "d"]], "target": ["b"], "position": [3]}
     )
     tokens = {**TOKENS, "c": "<i0_2><i1_2>", "d": "<i0_3><i1_3>"}
-    prompts, _ = user_prompts(seqs, LEVELS, tokens, None, 0, None, 0, max_history=2)
+    prompts, _ = user_prompts(seqs, LEVELS, tokens, None, 0, None, 0, max_history=2)  # b is liked
     assert prompts.iloc[0].history == ["a", "c", "d"]  # the record keeps the full prefix
     assert "<i0_0><i1_0>" not in prompts.iloc[0].prompt and "<i0_3><i1_3>" in prompts.iloc[0].prompt

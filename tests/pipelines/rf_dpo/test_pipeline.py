@@ -16,7 +16,7 @@ def _params(mode: str) -> dict:
     return {
         "mode": mode,
         "n_rejected": 4,
-        "prompts": {"max_users": None},
+        "prompts": {"max_users": None, "position": "random_liked"},
         "recommend": {"beam_width": 8, "top_k": 8, "batch_size": 8, "show_progress": False},
         "sentiment": {"check_on_rated": 20},
         "training": {"beta": 0.5, "learning_rate": 2e-3, "batch_size": 4, "show_progress": False},
@@ -45,6 +45,7 @@ def run(world, mode: str, feedback: pd.DataFrame | None = None, policy="from_wor
         "sft_examples": world.sft_examples,
         "item_scids": world.item_scids,
         "user_scids": world.user_scids,
+        "seq_eval_prompts": world.seq_eval_prompts,
         "params:rf_dpo": _params(mode),
         "params:seed": 5,
     }
@@ -75,7 +76,16 @@ def test_level_report(world, progressive):
     n_train = int((world.feedback["split"] == "train").sum())
     assert sum(info["level_counts"].values()) == n_train
     assert info["n_review_sentiment"] > 0 and info["source_counts"]["review_sentiment"] == info["n_review_sentiment"]
-    assert 0 <= info["sentiment"]["agreement_with_ratings"]["accuracy"] <= 1
+    # the scorer was checked on the training-period reviews that carry a rating (at most check_on_rated)
+    agree = info["sentiment"]["agreement_with_ratings"]
+    inter, fb = world.interactions, world.feedback
+    train_pairs = set(zip(fb.loc[fb["split"] == "train", "user_id"], fb.loc[fb["split"] == "train", "item_id"]))
+    rated = inter[inter["rating"].notna() & inter["review"].notna()]
+    n_rated = sum((u, i) in train_pairs for u, i in zip(rated["user_id"], rated["item_id"]))
+    assert agree["n_reviews"] == min(20, n_rated) > 0
+    cells = [n for row in agree["confusion"].values() for n in row.values()]
+    diagonal = sum(agree["confusion"][lv][lv] for lv in agree["confusion"])
+    assert sum(cells) == agree["n_reviews"] and agree["accuracy"] == pytest.approx(diagonal / agree["n_reviews"])
     levels = progressive.load("rf_dpo_feedback_levels")
     assert levels[levels["source"] == "review_sentiment"]["level"].eq("liked").all()
 
@@ -97,10 +107,40 @@ def test_pairs_per_stage_use_training_labels_only(world, progressive):
                 else:
                     assert level in rejected_levels and label[(row.user_id, item)] == level
             assert row.chosen not in row.rejected and len(row.rejected) <= 4
-    recs = progressive.load("rf_dpo_recommendations")
+    recs = progressive.load("rf_dpo_recommendations_easy")
     valid_items = dict(zip(world.valid["user_id"], world.valid["target"]))
     for row in recs.itertuples():  # prompts come from training prefixes only
         assert valid_items[row.user_id] not in row.history and row.target != valid_items[row.user_id]
+
+
+def test_chosen_and_rejected_come_from_the_prompts_future(world, progressive):
+    """Never a prompt-history item, never an item the user rated before the prompt's target."""
+    fb = world.feedback[world.feedback["split"] == "train"]
+    when = {(u, i): t for u, i, t in zip(fb["user_id"], fb["item_id"], fb["timestamp"])}
+    for stage in ("easy", "hard"):
+        recs = progressive.load(f"rf_dpo_recommendations_{stage}").set_index("user_id")
+        for row in progressive.load(f"rf_dpo_pairs_{stage}").itertuples():
+            prompt = recs.loc[row.user_id]
+            assert row.prompt == prompt.prompt
+            history = set(prompt.history)
+            t0 = when[(row.user_id, prompt.target)]
+            assert row.chosen not in history and when[(row.user_id, row.chosen)] >= t0
+            assert row.chosen == prompt.target and row.chosen_source == "target"
+            for item in row.rejected:
+                assert item not in history and when[(row.user_id, item)] > t0
+
+
+def test_each_stage_recommends_with_its_own_input_policy(world, progressive):
+    from align3gr_pipelines.self_play import decode_candidates, item_code_table
+
+    ids, _, _ = item_code_table(world.item_scids)
+    for stage, policy in (("easy", world.policy), ("hard", progressive.load("rf_dpo_model_easy"))):
+        recs = progressive.load(f"rf_dpo_recommendations_{stage}")
+        top = decode_candidates(policy, recs["prompt"].tolist(), world.item_scids, ids, 8, 8, 8, show_progress=False)
+        assert [list(r) for r in recs["recommended"]] == [[ids[i] for i in row if i >= 0] for row in top]
+    # the hard stage's input policy was trained, so its lists differ from the easy stage's
+    easy, hard = (progressive.load(f"rf_dpo_recommendations_{s}")["recommended"].map(list).tolist() for s in ("easy", "hard"))
+    assert easy != hard
 
 
 def test_outputs_do_not_depend_on_valid_or_test_feedback(world, progressive):

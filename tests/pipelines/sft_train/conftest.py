@@ -43,6 +43,7 @@ def tiny_train_params(output_dir: Path, **trainer) -> dict:
     params["trainer"].update(
         output_dir=str(output_dir), batch_size=16, eval_batch_size=32, max_steps=6, eval_steps=3, logging_steps=1,
         learning_rate=3e-3, max_eval_examples=16, max_length=160, progress_bar=False, warmup_ratio=0.0,
+        model_selection={"metric": "eval_loss"},  # tests of selection by valid recall ask for it
     )
     params["trainer"].update(trainer)
     return params

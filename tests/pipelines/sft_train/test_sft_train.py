@@ -266,7 +266,7 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
     catalog = DataCatalog(datasets={
         **{name: MemoryDataset(toy[name]) for name in INPUTS},
         "params:sft_data": MemoryDataset(data_params),
-        "params:sft_train": MemoryDataset(tiny_train_params(tmp_path / "work")),
+        "params:sft_train": MemoryDataset(tiny_train_params(tmp_path / "work", model_selection={"metric": "valid_recall", "n_users": 8})),
         "params:seed": MemoryDataset(42),
         "sft_examples": MemoryDataset(),
         "seq_eval_prompts": MemoryDataset(),
@@ -282,12 +282,16 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"scalars", "curves", "info"}
     assert metrics["curves"]["train_loss"] and metrics["curves"]["eval_loss"]
+    # selection by valid recall: its curve sits beside the loss, one point per evaluation
+    assert [s for s, _ in metrics["curves"]["valid_recall@10"]] == [s for s, _ in metrics["curves"]["eval_loss"]]
+    assert metrics["info"]["model_selection"] == "eval_recall@10"
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
 def test_distributed_data_parallel_two_cpu_processes(tmp_path, toy, examples):
     """torchrun with 2 gloo ranks on CPU; the caller gets rank 0's model, ranks never touch the catalog."""
-    params = tiny_train_params(tmp_path / "work", max_steps=4, eval_steps=2, nproc_per_node=2, keep_checkpoints=True)
+    params = tiny_train_params(tmp_path / "work", max_steps=4, eval_steps=2, nproc_per_node=2, keep_checkpoints=True,
+                               launch_timeout_s=300)
     rec, metrics = fit_sft(examples, toy["item_scids"], toy["user_scids"], params, seed=0)
     assert metrics["info"]["world_size"] == 2
     assert metrics["scalars"]["global_step"] == 4

@@ -75,6 +75,7 @@ def test_pipeline_with_tca4rec_objective_and_its_evaluation_row(tmp_path, toy, e
         "item_scids": MemoryDataset(toy["item_scids"]),
         "user_scids": MemoryDataset(toy["user_scids"]),
         "sasrec_model": MemoryDataset(sasrec, copy_mode="assign"),
+        "seq_eval_prompts": MemoryDataset(pd.DataFrame()),  # unused: these params select on eval_loss
         "params:sft_train": MemoryDataset(tca_params(tmp_path / "work", 0.3)),
         "params:seed": MemoryDataset(42),
         "sft_model": CheckpointDataset(path=str(tmp_path / "06_models/sft_model"), load_class=LOAD_CLASS, optional=True),

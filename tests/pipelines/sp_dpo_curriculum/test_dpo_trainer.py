@@ -96,8 +96,15 @@ def test_a_policy_saved_with_activation_checkpointing_still_trains(world):
     model = __import__("copy").deepcopy(world.policy.model)
     model.activation_checkpointing_enable()
     policy = RecLM(model=model, tokenizer=world.policy.tokenizer, meta=world.policy.meta)
-    _, metrics = train_stage(policy, _random_pairs(world, n=4), DPOConfig(batch_size=4, **QUIET), 0, "s", "r")
+    pairs = _random_pairs(world, n=4)
+    new, metrics = train_stage(policy, pairs, DPOConfig(batch_size=4, **QUIET), 0, "s", "r")
+    plain, plain_metrics = train_stage(world.policy, pairs, DPOConfig(batch_size=4, **QUIET), 0, "s", "r")
     assert metrics["scalars"]["optimizer_steps"] == 1
+    # it trained (the weights moved), and exactly as the same step without checkpointing does
+    assert weights_fingerprint(new.model) != weights_fingerprint(world.policy.model)
+    assert metrics["scalars"]["initial_loss"] == pytest.approx(plain_metrics["scalars"]["initial_loss"], rel=1e-5)
+    for (name, p), (_, q) in zip(new.model.named_parameters(), plain.model.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=f"checkpointed step differs at {name}")
 
 
 def test_pass_through_marks_skipped(world):
@@ -141,3 +148,80 @@ def test_lora_trains_only_the_adapter_and_the_reference_is_the_stage_input(world
     assert all("lora_" in n or "trainable_tokens" in n for n in changed)  # the base weights never move
     assert new.meta["dpo"]["reference_fingerprint"] == weights_fingerprint(policy.model)
     assert metrics["scalars"]["initial_loss"] == pytest.approx(math.log(5), rel=1e-4)
+
+
+def _stage(world, selection, evaluate, lr=5e-3):
+    from align3gr_pipelines.dpo_trainer import Selection
+
+    cfg = DPOConfig(beta=0.5, learning_rate=lr, batch_size=4, **QUIET)
+    sel = Selection.from_params(selection, "test.selection")
+    return train_stage(world.policy, _random_pairs(world), cfg, 0, "sp_dpo_easy", "sft_model", evaluate=evaluate, selection=sel)
+
+
+def test_selection_keeps_the_input_policy_when_every_checkpoint_scores_lower(world):
+    calls = []
+
+    def evaluate(model):  # the input policy scores best, every trained checkpoint lower
+        calls.append(weights_fingerprint(model))
+        return 0.5 if len(calls) == 1 else 0.1
+
+    model, metrics = _stage(world, {"enabled": True, "eval_every": 1}, evaluate)
+    s = metrics["scalars"]
+    assert calls[0] == weights_fingerprint(world.policy.model) and len(calls) == 1 + 3  # input + each of 3 steps
+    assert s["selected_step"] == 0 and s["valid_recall_selected"] == 0.5 == s["valid_recall_input"]
+    assert weights_fingerprint(model.model) == weights_fingerprint(world.policy.model)
+    assert [v for _, v in metrics["curves"]["valid_recall"]] == [0.5, 0.1, 0.1, 0.1]
+    # the log-prob drift is logged at every evaluation: 0 for the input policy, nonzero after training
+    drift = metrics["curves"]["chosen_logp_drift"]
+    assert drift[0] == [0, 0.0] and drift[-1][1] != 0.0 and "final_rejected_logp_drift" in s
+    # allow_worse: the last checkpoint is kept, as the paper does
+    worse, m2 = _stage(world, {"enabled": True, "eval_every": 1, "allow_worse": True}, lambda m, c=iter([0.5, 0.1, 0.1, 0.1]): next(c))
+    assert m2["scalars"]["selected_step"] == 3 and weights_fingerprint(worse.model) != weights_fingerprint(world.policy.model)
+
+
+def test_selection_picks_the_best_checkpoint(world):
+    scores = iter([0.1, 0.2, 0.4, 0.3])  # input, step 1, 2, 3
+
+    def evaluate(model):
+        return next(scores)
+
+    model, metrics = _stage(world, {"enabled": True, "eval_every": 1}, evaluate)
+    assert metrics["scalars"]["selected_step"] == 2 and metrics["scalars"]["valid_recall_selected"] == 0.4
+    assert model.meta["dpo"]["selected_step"] == 2
+    assert weights_fingerprint(model.model) not in (weights_fingerprint(world.policy.model),)
+    # the kept weights are step 2's, not the last step's: rerun without selection and compare
+    last, _ = _stage(world, {"enabled": False}, None)
+    assert weights_fingerprint(model.model) != weights_fingerprint(last.model)
+
+
+def test_selection_uses_real_valid_recall(world):
+    from align3gr_pipelines.dpo_trainer import Selection, valid_recall_evaluator
+
+    sel = Selection.from_params({"enabled": True, "n_users": 6, "beam_width": 8, "batch_size": 8}, "x")
+    evaluate = valid_recall_evaluator(world.seq_eval_prompts, world.item_scids, world.policy.tokenizer, sel, 0)
+    r = evaluate(world.policy.model)
+    assert 0.0 <= r <= 1.0 and r == evaluate(world.policy.model)  # deterministic: the same users
+    with pytest.raises(ValueError, match="unknown selection parameter"):
+        Selection.from_params({"every": 3}, "params x.selection")
+
+
+def test_next_stage_reuses_the_selected_score_of_its_input_policy(world):
+    from align3gr_pipelines.dpo_trainer import Selection
+
+    calls = []
+
+    def evaluate(model):
+        calls.append(weights_fingerprint(model))
+        return 0.1 * len(calls)
+
+    evaluate.key = "sample-1"
+    cfg = DPOConfig(beta=0.5, learning_rate=5e-3, batch_size=4, **QUIET)
+    sel = Selection.from_params({"enabled": True, "eval_every": 1}, "x")
+    first, m1 = train_stage(world.policy, _random_pairs(world), cfg, 0, "sp_dpo_easy", "sft_model", evaluate=evaluate, selection=sel)
+    assert len(calls) == 4 and first.meta["valid_recall"] == {"key": "sample-1", "score": m1["scalars"]["valid_recall_selected"]}
+    second, m2 = train_stage(first, _random_pairs(world), cfg, 1, "sp_dpo_medium", "sp_dpo_model_easy", evaluate=evaluate, selection=sel)
+    assert len(calls) == 4 + 3  # the input policy is not decoded again
+    assert m2["scalars"]["valid_recall_input"] == m1["scalars"]["valid_recall_selected"]
+    evaluate.key = "another-sample"
+    train_stage(first, _random_pairs(world), cfg, 1, "sp_dpo_medium", "sp_dpo_model_easy", evaluate=evaluate, selection=sel)
+    assert len(calls) == 7 + 4

@@ -34,6 +34,9 @@ def run(world, mode: str, sft_model="from_world") -> DataCatalog:
     inputs = {
         "sft_model": world.policy if sft_model == "from_world" else sft_model,
         "sft_examples": world.sft_examples,
+        "train_sequences": world.train_sequences,
+        "user_scids": world.user_scids,
+        "seq_eval_prompts": world.seq_eval_prompts,
         "item_scids": world.item_scids,
         "params:sp_dpo_curriculum": _params(mode),
         "params:seed": 7,
@@ -77,7 +80,8 @@ def test_curriculum_pairs_follow_their_bucket(world, curriculum):
             for r, o in zip(row.rejected, row.overlap):
                 assert lo <= o <= hi and o == int(shared_prefix_length(codes[pos[r]], codes[pos[row.chosen]]))
         users[s] = set(pairs["prompt"])
-    assert not users["easy"] & users["medium"]  # disjoint prompt subsets per stage
+    for a, b in (("easy", "medium"), ("easy", "hard"), ("medium", "hard")):
+        assert not users[a] & users[b], f"{a} and {b} share prompts"  # disjoint prompt subsets per stage
 
 
 @pytest.mark.parametrize("mode", ["no_curriculum", "random"])
@@ -108,4 +112,6 @@ def test_unknown_mode(world):
     from align3gr_pipelines.pipelines.sp_dpo_curriculum.nodes import build_self_play_pairs
 
     with pytest.raises(ValueError, match="sp_dpo_curriculum.mode"):
-        build_self_play_pairs(world.policy, world.sft_examples, world.item_scids, {"mode": "curricula"}, 0, "easy")
+        build_self_play_pairs(
+            world.policy, world.sft_examples, world.train_sequences, world.item_scids, world.user_scids, {"mode": "curricula"}, 0, "easy"
+        )

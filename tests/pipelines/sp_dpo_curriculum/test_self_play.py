@@ -97,11 +97,7 @@ def test_every_generated_pair_obeys_the_bucket_rule(world, mode):
             assert len(in_q) <= q.n
         assert all(any(q.lo <= o <= q.hi for q in quotas) for o in row.overlap)
         assert all(o < codes.shape[1] for o in row.overlap)  # never identical
-        # the policy's own candidates in range come first, in their beam order; fills come last
-        generated = [ids[i] for i in cand if i != c and any(q.lo <= shared_prefix_length(codes[i], codes[c]) <= q.hi for q in quotas)]
-        if len(quotas) == 1:
-            assert list(row.rejected[: row.n_generated]) == generated[: row.n_generated]
-        assert row.n_generated + row.filled == len(row.rejected)
+        assert row.n_generated + row.filled == len(row.rejected)  # which ones: test_build_pairs_by_hand
     assert stats["n_rejected_filled"] == pairs["filled"].sum()
     if mode == "easy":  # the untrained model's 10 beams hold plenty of items with another first code
         assert pairs["n_generated"].sum() > 0
@@ -125,3 +121,120 @@ def test_sample_prompts_rejects_bad_input(world):
     assert set(prompts.columns) == {"prompt", "user_id", "target_item_id"}
     seq_train = world.sft_examples.query("task == 'seq' and split == 'train'")
     assert len(prompts) == len(seq_train)
+
+
+# A hand-made catalogue of 3-level codes; overlaps are with item a = (0, 0, 0).
+HAND_IDS = list("abcdefgh")
+HAND_CODES = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [0, 0, 2], [1, 1, 1], [0, 1, 1], [2, 0, 0]])
+#                            a: self     b: 2       c: 1       d: 0       e: 2       f: 0       g: 1       h: 0
+
+
+def _hand_pairs(quotas, targets=("a",), candidates=None):
+    import pandas as pd
+
+    prompts = pd.DataFrame({"prompt": [f"p{k}" for k in range(len(targets))], "user_id": "u", "target_item_id": list(targets)})
+    pos = {iid: i for i, iid in enumerate(HAND_IDS)}
+    cands = np.array([[pos[x] if x else -1 for x in row] for row in candidates])
+    tokens = [f"<{i}>" for i in HAND_IDS]
+    return build_pairs(prompts, HAND_IDS, HAND_CODES, tokens, cands, quotas, 0, np.random.default_rng(0))
+
+
+def test_build_pairs_by_hand():
+    beams = [["e", "a", "g", "d", "b", None]]  # the policy's ranked candidates for target a
+    # hard (overlap 2): the generated e then b, in beam order; nothing to fill
+    pairs, stats = _hand_pairs([Quota(2, 2, 2)], candidates=beams)
+    row = pairs.iloc[0]
+    assert list(row.rejected) == ["e", "b"] and list(row.overlap) == [2, 2]
+    assert (row.n_generated, row.filled) == (2, 0) and list(row.rejected_tokens) == ["<e>", "<b>"]
+    # medium (overlap 1), 3 wanted: the generated g, then c, the only other overlap-1 item, from the fill
+    row = _hand_pairs([Quota(1, 1, 3)], candidates=beams)[0].iloc[0]
+    assert list(row.rejected) == ["g", "c"] and (row.n_generated, row.filled) == (1, 1)
+    # easy (overlap 0), 2 wanted: the generated d, then one of f, h (random fill)
+    row = _hand_pairs([Quota(0, 0, 2)], candidates=beams)[0].iloc[0]
+    assert row.rejected[0] == "d" and row.rejected[1] in {"f", "h"} and (row.n_generated, row.filled) == (1, 1)
+    # mixed: one per bucket, each from the beams, in quota order
+    row = _hand_pairs(mixed_quotas(3, 3, 3), candidates=beams)[0].iloc[0]
+    assert list(row.rejected) == ["d", "g", "e"] and list(row.overlap) == [0, 1, 2] and row.filled == 0
+    # another target: overlaps are taken against it (d = (1, 0, 0): f shares 1 level, h and a none)
+    row = _hand_pairs([Quota(0, 0, 2)], targets=("d",), candidates=[["f", "h", "a", "d"]])[0].iloc[0]
+    assert list(row.rejected) == ["h", "a"] and row.filled == 0
+    assert stats["n_rejected_generated"] == 2 and stats["n_rejected_filled"] == 0
+
+
+# ---------------------------------------------------------------- mining: filled share, exact scoring, similarity buckets
+
+
+def _mining_setup(seed=2, n_prompts=6):
+    world = make_world(n_users=6, seed=seed)
+    ids, codes, tokens = item_code_table(world.item_scids)
+    prompts, _ = sample_prompts(world.sft_examples, ids, seed)
+    prompts = prompts.head(n_prompts).reset_index(drop=True)
+    pos = {iid: i for i, iid in enumerate(ids)}
+    chosen = [pos[t] for t in prompts["target_item_id"]]
+    # A beam that never shares a first code with the chosen item: the paper's beam mining must then
+    # fill the medium bucket (1 shared code) entirely from the catalogue.
+    beam = np.full((len(prompts), 8), -1, dtype=np.int64)
+    for r, c in enumerate(chosen):
+        far = [i for i in range(len(ids)) if int(codes[i, 0]) != int(codes[c, 0])]
+        beam[r, : len(far[:8])] = far[:8]
+    return world, ids, codes, tokens, prompts, chosen, beam
+
+
+def test_filled_share_is_high_for_beam_mining_and_zero_for_exact_scoring():
+    from align3gr_pipelines.self_play import Mining, mine_pairs, stage_buckets
+
+    world, ids, codes, tokens, prompts, chosen, beam = _mining_setup()
+    medium = stage_buckets(curriculum_quotas(1, 3, 3, 3), 1, 3, 3, Mining())
+    pairs, stats = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, medium, Mining(), np.random.default_rng(0), False)
+    assert stats["filled_fraction"] == 1.0 and stats["beam_fraction"] == 0.0 and len(pairs) == len(prompts)
+
+    scored = Mining(candidates="scored", max_scored=64)
+    pairs, stats = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, medium, scored, np.random.default_rng(0), False)
+    assert stats["filled_fraction"] == 0.0 and (pairs["filled"] == 0).all()
+    assert len(pairs) == len(prompts) and (pairs["rejected"].map(len) == 3).all()
+    # every negative is in the bucket, and they are the bucket's best by the policy's exact score
+    from align3gr_pipelines.self_play import bucket_members, score_candidates
+
+    for r, row in pairs.iterrows():
+        assert set(row["overlap"]) == {1}
+        members = np.flatnonzero(bucket_members((1, 1), chosen[r], codes, "prefix", None))
+        cand = np.full((1, len(members)), -1, dtype=np.int64)
+        cand[0] = members
+        best = score_candidates(world.policy, [row["prompt"]], world.item_scids, ids, cand, 8, False)[0][:3]
+        assert list(row["rejected"]) == [ids[i] for i in best]
+
+
+def test_similarity_buckets_follow_the_scid_embeddings():
+    from align3gr_pipelines.self_play import Mining, mine_pairs, scid_embeddings, similarity_ranks, stage_buckets
+
+    world, ids, codes, tokens, prompts, chosen, beam = _mining_setup(seed=3)
+    mining = Mining(candidates="scored", bucket_by="similarity", similarity_bands=((0.0, 0.5), (0.5, 0.8), (0.8, 1.0)))
+    emb = scid_embeddings(world.policy, tokens)
+    assert emb.shape == (len(ids), 3 * world.policy.model.get_input_embeddings().weight.shape[1])
+    for stage, (lo, hi) in enumerate(mining.similarity_bands):
+        buckets = stage_buckets(None, stage, 3, 4, mining)
+        pairs, stats = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, buckets, mining, np.random.default_rng(0), False)
+        assert stats["filled_fraction"] == 0.0 and (pairs["rejected"].map(len) == 4).all()
+        pos = {iid: i for i, iid in enumerate(ids)}
+        for r, row in pairs.iterrows():
+            q = similarity_ranks(emb, chosen[r])
+            assert all(lo <= q[pos[i]] <= hi for i in row["rejected"])
+    with pytest.raises(ValueError, match="similarity_bands"):
+        Mining.from_params({"similarity_bands": [[0.0, 0.5], [0.5, 1.0]]}, 3)
+    with pytest.raises(ValueError, match="mining.candidates"):
+        Mining.from_params({"candidates": "sampled"}, 3)
+
+
+def test_transition_prompts_skip_the_sft_seq_targets():
+    from align3gr_pipelines.self_play import transition_prompts, user_tokens_like_sft
+
+    world = make_world(n_users=6, seed=5, sft_stride=3)
+    ids, _, tokens = item_code_table(world.item_scids)
+    users = user_tokens_like_sft(world.sft_examples, world.user_scids)
+    assert users is not None  # the tiny world's SFT prompts carry user SCIDs
+    prompts, info = transition_prompts(world.train_sequences, world.sft_examples, ids, tokens, users, 10, 0, 0)
+    seq = world.sft_examples[(world.sft_examples["task"] == "seq") & (world.sft_examples["split"] == "train")]
+    used = set(zip(seq["user_id"], seq["target_item_id"]))
+    assert len(prompts) > 0 and info["transitions_that_were_sft_seq"] == len(used)
+    assert not used & set(zip(prompts["user_id"], prompts["target_item_id"]))
+    assert len(prompts) + len(used) == len(world.train_sequences)

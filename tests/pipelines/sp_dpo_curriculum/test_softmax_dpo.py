@@ -66,3 +66,34 @@ def test_bad_inputs():
         softmax_dpo_loss(torch.zeros(1), torch.zeros(1, 2), torch.zeros(1), torch.zeros(1, 2), 0.0)
     with pytest.raises(ValueError, match="rejected"):
         softmax_dpo_loss(torch.zeros(2), torch.zeros(3, 2), torch.zeros(2), torch.zeros(3, 2), 0.1)
+
+
+def test_nll_guard_at_weight_zero_is_plain_softmax_dpo():
+    g = torch.Generator().manual_seed(1)
+    pc, rc = torch.randn(6, generator=g) * 2, torch.randn(6, generator=g) * 2
+    pr, rr = torch.randn(6, 5, generator=g) * 2, torch.randn(6, 5, generator=g) * 2
+    mask = torch.rand(6, 5, generator=g) > 0.3
+    mask[:, 0] = True
+    lengths = torch.tensor([4, 4, 3, 4, 2, 4])
+    pc.requires_grad_(True)
+    plain = softmax_dpo_loss(pc, pr, rc, rr, 0.7, mask)
+    zero = softmax_dpo_loss(pc, pr, rc, rr, 0.7, mask, nll_weight=0.0, chosen_lengths=lengths)
+    assert torch.equal(plain.losses, zero.losses) and torch.equal(plain.loss, zero.loss)
+    assert torch.equal(torch.autograd.grad(plain.loss, pc)[0], torch.autograd.grad(zero.loss, pc)[0])
+
+
+def test_nll_guard_adds_the_chosen_per_token_nll():
+    pc, rc = torch.tensor([-3.0, -8.0]), torch.tensor([-3.5, -7.0])
+    pr, rr = torch.tensor([[-4.0, -5.0], [-6.0, -9.0]]), torch.tensor([[-4.0, -4.5], [-6.5, -9.0]])
+    lengths = torch.tensor([4, 2])
+    plain = softmax_dpo_loss(pc, pr, rc, rr, 0.5)
+    guarded = softmax_dpo_loss(pc, pr, rc, rr, 0.5, nll_weight=0.3, chosen_lengths=lengths)
+    assert guarded.losses.tolist() == pytest.approx((plain.losses + 0.3 * torch.tensor([3.0 / 4, 8.0 / 2])).tolist())
+    assert guarded.chosen_nll.tolist() == pytest.approx([0.75, 4.0])
+    # the guard pushes the chosen log-prob up: its gradient is more negative than plain DPO's
+    x = pc.clone().requires_grad_(True)
+    g_plain = torch.autograd.grad(softmax_dpo_loss(x, pr, rc, rr, 0.5).loss, x)[0]
+    g_guard = torch.autograd.grad(softmax_dpo_loss(x, pr, rc, rr, 0.5, nll_weight=0.3, chosen_lengths=lengths).loss, x)[0]
+    assert (g_guard < g_plain).all()
+    with pytest.raises(ValueError, match="nll_weight"):
+        softmax_dpo_loss(pc, pr, rc, rr, 0.5, nll_weight=-1.0)

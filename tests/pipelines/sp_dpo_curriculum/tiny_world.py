@@ -74,13 +74,18 @@ class TinyWorld:
     feedback: pd.DataFrame
     sft_examples: pd.DataFrame
     policy: RecLM
+    seq_eval_prompts: pd.DataFrame  # split, user_id, prompt, target: what valid recall scores
 
 
 def _level(r: float) -> str:
     return "disliked" if r <= 2 else ("neutral" if r < 4 else "liked")
 
 
-def make_world(n_users: int = 10, n_items: int = 40, seq_len: tuple[int, int] = (9, 14), seed: int = 0) -> TinyWorld:
+def make_world(
+    n_users: int = 10, n_items: int = 40, seq_len: tuple[int, int] = (9, 14), seed: int = 0, sft_stride: int = 1
+) -> TinyWorld:
+    """``sft_stride``: only every sft_stride-th training transition becomes an SFT SEQ example (as
+    sft_data.target_stride does), so the others are DPO prompts that SFT never answered."""
     rng = np.random.default_rng(seed)
     item_cb, user_cb = [4, 4, 4], [3, 3]
     combos = rng.permutation(np.array(np.meshgrid(*[range(c) for c in item_cb], indexing="ij")).reshape(3, -1).T)[:n_items]
@@ -113,6 +118,8 @@ def make_world(n_users: int = 10, n_items: int = 40, seq_len: tuple[int, int] = 
             hist = seq[:p][-20:]
             seqs.append({"user_id": u, "history": hist, "target": seq[p], "position": p})
             tid = int(rng.integers(0, len(SEQ_TEMPLATES)))
+            if (n - 3 - p) % sft_stride:
+                continue
             sft.append(
                 {"task": "seq", "template_id": tid, "prompt": seq_prompt([tok_of[i] for i in hist], utok[u], tid),
                  "response": tok_of[seq[p]], "user_id": u, "split": "train", "target_item_id": seq[p]}
@@ -128,6 +135,9 @@ def make_world(n_users: int = 10, n_items: int = 40, seq_len: tuple[int, int] = 
     sft.append({"task": "item_scid2text", "template_id": 0, "prompt": "What is the title of item x?", "response": "a title",
                 "user_id": None, "split": "train", "target_item_id": None})
     tok = make_tokenizer(item_cb, user_cb)
+    sft_df = pd.DataFrame(sft)
+    vrows = sft_df[sft_df["split"] == "valid"]
+    seq_eval = pd.DataFrame({"split": "valid", "user_id": vrows["user_id"], "prompt": vrows["prompt"], "target": vrows["target_item_id"]})
     return TinyWorld(
         item_scids=item_scids,
         user_scids=user_scids,
@@ -136,6 +146,7 @@ def make_world(n_users: int = 10, n_items: int = 40, seq_len: tuple[int, int] = 
         valid=pd.DataFrame(valid),
         test=pd.DataFrame(test),
         feedback=pd.DataFrame(fb),
-        sft_examples=pd.DataFrame(sft),
+        sft_examples=sft_df,
         policy=make_rec_lm(tok, seed),
+        seq_eval_prompts=seq_eval.reset_index(drop=True),
     )

@@ -96,23 +96,35 @@ def test_checkpoints_load_back_and_agree_with_the_tables(pipeline_run, dataset):
     assert (raw_codes.numpy() != final).any(1).sum() == report["items_touched"]
 
 
-def test_quality_metrics_and_plot(pipeline_run):
+def test_quality_metrics_and_plot(pipeline_run, dataset):
     tmp_path, catalog = pipeline_run
     quality = catalog.load("tokenization_quality")
     assert list(quality.columns) == ["side", "level", "metric", "value"]
     per_level = quality[quality["metric"] == "utilisation"]
     assert len(per_level) == 6 and per_level["value"].between(0, 1).all()
+    # user SCIDs are never re-assigned, so their per-level utilisation is the share of codes they use
+    users = np.stack(catalog.load("user_scids")["codes"].map(list))
+    size = catalog.load("sc_tokenizer").config["user_codebook_size"]
+    got = per_level[per_level["side"] == "user"].sort_values("level")["value"].tolist()
+    assert got == pytest.approx([len(set(users[:, level])) / size for level in range(users.shape[1])])
     overall = quality.set_index(["side", "metric"])["value"]
     # a list key gives a Series on every pandas we allow (a tuple key on this non-unique index gives a
     # Series on pandas 2.2.0 and a scalar on pandas 3)
     assert (overall.loc[[("item", "colliding_after")]] == 0).all()
     for metric in ("reconstruction_loss", "colliding_before", "collision_rate_after"):
         assert ("item", metric) in overall.index and ("user", metric) in overall.index
-    assert overall.loc[[("u2i", "phase1_auc")]].between(0, 1).all()
+    sc_log = catalog.load("tokenization_sc_log")
+    u2i = {name: overall.loc[[("u2i", name)]].item() for name in ("auc_before_training", "phase1_auc")}
+    for name, value in u2i.items():
+        assert value == pytest.approx(sc_log["scalars"][name])
+    # users walk through one topic's items: U2I alignment ranks a held-out item above random negatives
+    assert u2i["phase1_auc"] > u2i["auc_before_training"]
+    assert u2i["phase1_auc"] > 0.6
 
     metrics = catalog.load("tokenization_metrics")
     assert set(metrics) == {"scalars", "curves", "info"}
     assert all(isinstance(v, float) for v in metrics["scalars"].values())
+    assert metrics["scalars"]["item_colliding_after"] == 0.0 and metrics["scalars"]["item_unique_scids"] == len(dataset["items"])
     for name in ("sasrec_train_loss", "phase1_u2i_loss", "phase1_auc", "phase2_loss", "phase2_item_recon_loss"):
         steps = [s for s, _ in metrics["curves"][name]]
         assert steps == sorted(steps) and len(steps) >= 1

@@ -1,6 +1,8 @@
 """The `data_prep` stage: raw source → canonical tables → leave-one-out splits, feedback, stats."""
 from kedro.pipeline import Pipeline, node
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import (
     build_feedback_table,
     build_users,
@@ -15,7 +17,8 @@ TABLES = ["items", "users", "interactions", "train_sequences", "valid", "test", 
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline(
+    return stage_pipeline(
+        "data_prep",
         [
             node(
                 load_raw,
@@ -47,5 +50,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="dataset_statistics",
             ),
             node(fingerprint_tables, [*TABLES, "params:data_prep"], "data_fingerprint", name="data_fingerprint"),
-        ]
+        ],
     )

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 
 from align3gr_pipelines.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
 from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
-from align3gr_pipelines.metrics import bootstrap_ci, paired_permutation_test, ranking_metrics
+from align3gr_pipelines.metrics import bootstrap_ci, paired_permutation_test, ranking_metrics, tie_group_at_list_end
 from align3gr_pipelines.prompts import seq_prompt
 from align3gr_pipelines.rec_lm import encode_prompt
 from align3gr_pipelines.sasrec import training_sequences
@@ -288,39 +288,48 @@ def _mlflow_key(*parts: str) -> str:
 
 
 def _list_matrix(recs: pd.DataFrame, users: pd.Series, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n_users, width] item ids (None = empty) and scores (-inf) of one model and split, in `users` order."""
+    """[n_users, width] item ids (None = empty) and scores (-inf) of one model and split, in `users` order.
+    `width` must cover every kept rank: cutting the list at the largest K first would cut tie groups that
+    straddle K, and the tie rule would then credit an arbitrary tie-break."""
     items = np.full((len(users), width), None, dtype=object)
     scores = np.full((len(users), width), -np.inf)
     row = pd.Series(np.arange(len(users)), index=users.to_numpy())
-    r = recs[recs["rank"] <= width]
-    where = row.reindex(r["user_id"].to_numpy()).to_numpy()
+    if len(recs) and int(recs["rank"].max()) > width:
+        raise ValueError(f"evaluation: a recommendation list has rank {int(recs['rank'].max())} > width {width}")
+    where = row.reindex(recs["user_id"].to_numpy()).to_numpy()
     ok = ~np.isnan(where)
-    rr, cc = where[ok].astype(int), r["rank"].to_numpy()[ok] - 1
-    items[rr, cc] = r["item_id"].to_numpy()[ok]
-    scores[rr, cc] = r["score"].to_numpy()[ok]
+    rr, cc = where[ok].astype(int), recs["rank"].to_numpy()[ok] - 1
+    items[rr, cc] = recs["item_id"].to_numpy()[ok]
+    scores[rr, cc] = recs["score"].to_numpy()[ok]
     return items, scores
 
 
 def compute_metrics(
     recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
-    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0), with
-    percentile-bootstrap CIs (the same resamples for every model) and a paired sign-flip permutation test
+    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0; the tie
+    rule of `metrics` applied over each whole kept list), with percentile-bootstrap CIs (the same resamples for every model) and a paired sign-flip permutation test
     against SASRec on the same users."""
     ks = [int(k) for k in params["ks"]]
-    width = max(ks)
+    if not ks or min(ks) < 1 or max(ks) > int(params["top_k"]):
+        raise ValueError(f"evaluation.ks must be non-empty, each in [1, top_k={params['top_k']}], got {ks}")
     boot, perm = params.get("bootstrap", {}) or {}, params.get("paired_test", {}) or {}
     n_boot, conf = int(boot.get("n_resamples", 1000)), float(boot.get("confidence", 0.95))
     n_perm = int(perm.get("n_permutations", 10000))
     order = [i["model"] for i in run_info["models"]]
     rows: list[dict[str, Any]] = []
+    truncated: dict[tuple[str, str], np.ndarray] = {}
     for split, cases in eval_cases.groupby("split", sort=False):
         users = cases["user_id"].reset_index(drop=True)
         recs = recommendations[recommendations["split"] == split]
         per_user: dict[str, dict[str, np.ndarray]] = {}
         for model in order:
-            items, scores = _list_matrix(recs[recs["model"] == model], users, width)
+            mine = recs[recs["model"] == model]
+            # The tie rule runs over the whole kept list (top_k), not a list cut at max(ks).
+            width = max(max(ks), int(mine["rank"].max()) if len(mine) else 0)
+            items, scores = _list_matrix(mine, users, width)
             per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
+            truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
         if not per_user:
             continue
         names = list(next(iter(per_user.values())))
@@ -341,10 +350,15 @@ def compute_metrics(
     if REFERENCE not in order:
         log.info("evaluation: no SASRec row, so no paired test (p_value_vs_sasrec is NaN)")
     scalars = {_mlflow_key(r.split, r.model, r.metric.replace("@", "_at_")): r.value for r in table.itertuples()}
+    at_end = {f"{s}/{m}": int(v.sum()) for (s, m), v in truncated.items() if v.any()}
+    if at_end:
+        log.warning("evaluation: users whose target ties with the last kept item (the group may run past top_k; "
+                    "credit counts its listed part): %s", at_end)
     info = {
         "models": run_info["models"], "skipped": run_info["skipped"], "ks": ks, "beam_width": int(params["beam_width"]),
         "top_k": int(params["top_k"]), "n_users": {s: int(n) for s, n in eval_cases.groupby("split").size().items()},
         "bootstrap": {"n_resamples": n_boot, "confidence": conf}, "paired_test": {"n_permutations": n_perm, "reference": REFERENCE},
+        "ties_at_list_end": at_end,
     }
     return table, metrics_markdown(table, info), {"scalars": scalars, "curves": {}, "info": info}
 
@@ -369,6 +383,12 @@ def metrics_markdown(table: pd.DataFrame, info: dict[str, Any]) -> str:
     if timing:
         lines += ["## Time per user", "", "| model | ms / user |", "|---|---|"]
         lines += [f"| {m['model']} | {m['ms_per_user']:.1f} |" for m in timing] + [""]
+    if info.get("ties_at_list_end"):
+        lines += ["## Ties cut by the kept list", "",
+                  f"Users whose target's tie group starts in the top {max(info['ks'])} and reaches the last of the "
+                  f"{info['top_k']} kept items; the group may go on past the list, and their credit counts its "
+                  "listed part only (it may be too high):", ""]
+        lines += [f"- {k}: {n}" for k, n in info["ties_at_list_end"].items()] + [""]
     if info["skipped"]:
         lines += ["## Skipped", ""] + [f"- {s['model']}: {s['skipped']}" for s in info["skipped"]] + [""]
     return "\n".join(lines)
@@ -398,3 +418,19 @@ def plot_comparison(evaluation_metrics: pd.DataFrame) -> Figure:
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
+
+
+def report_preference_stages(
+    recommendations: pd.DataFrame, eval_cases: pd.DataFrame, feedback: pd.DataFrame, params: dict[str, Any], seed: int
+) -> tuple[dict[str, Any], str]:
+    """Per LM stage: share of top-K lists changed vs its input policy, Recall@K by the target's feedback
+    level, paired Δ vs its input and vs SFT (align3gr_pipelines.stage_report)."""
+    from align3gr_pipelines import stage_report
+
+    k = int(params.get("stage_report_k", 10))
+    boot, perm = params.get("bootstrap", {}) or {}, params.get("paired_test", {}) or {}
+    report = stage_report.stage_report(
+        recommendations, eval_cases, feedback, k, n_bootstrap=int(boot.get("n_resamples", 1000)),
+        n_permutations=int(perm.get("n_permutations", 10000)), seed=int(seed),
+    )
+    return report, stage_report.report_markdown(report, k)

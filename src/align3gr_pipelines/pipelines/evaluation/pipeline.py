@@ -2,6 +2,8 @@
 checkpoint → `recommendations` → metrics table (Parquet, Markdown, JSON) and comparison chart."""
 from kedro.pipeline import Pipeline, node
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import (
     LM_STAGES,
     build_eval_cases,
@@ -13,6 +15,7 @@ from .nodes import (
     recommend_item_knn,
     recommend_most_popular,
     recommend_sasrec,
+    report_preference_stages,
 )
 
 
@@ -32,7 +35,8 @@ def create_pipeline(**kwargs) -> Pipeline:
                  [f"eval_recs_{label}", f"eval_info_{label}"], name=f"recommend_{label}")
         )
     parts = [name for n in recommenders for name in n.outputs]
-    return Pipeline(
+    return stage_pipeline(
+        "evaluation",
         [
             node(build_eval_cases, ["valid", "test", params, "params:seed"], "eval_cases", name="build_eval_cases"),
             node(build_eval_prompts, ["eval_cases", "seq_eval_prompts", "item_scids", "user_scids", params],
@@ -42,5 +46,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(compute_metrics, ["recommendations", "eval_cases", "eval_run_info", params, "params:seed"],
                  ["evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json"], name="compute_evaluation_metrics"),
             node(plot_comparison, "evaluation_metrics", "evaluation_comparison_plot", name="plot_evaluation_comparison"),
-        ]
+            node(report_preference_stages, ["recommendations", "eval_cases", "feedback", params, "params:seed"],
+                 ["evaluation_stage_report", "evaluation_stage_report_md"], name="report_preference_stages"),
+        ],
     )

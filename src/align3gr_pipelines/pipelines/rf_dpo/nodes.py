@@ -1,21 +1,23 @@
 """Nodes of the `rf_dpo` stage: real-feedback Softmax-DPO, liked vs disliked (easy) → liked vs neutral (hard).
 
-feedback levels (training period only) → the final SP-DPO policy recommends top-K per user → pairs per
-stage → train. Stages chain as in SP-DPO: `sp_dpo_model_hard` → `rf_dpo_model_easy` → `rf_dpo_model_hard`,
+feedback levels (training period only) → per stage: the stage's own input policy recommends top-K per
+user → pairs → train. Stages chain as in SP-DPO: `sp_dpo_model_hard` → `rf_dpo_model_easy` → `rf_dpo_model_hard`,
 each stage's input policy being its reference. Parameter `mode`: `progressive` (default) or `mixed`
 (the ablation: both levels as rejected in one stage, the hard slot; easy passes the policy through).
 """
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import pandas as pd
 
 from align3gr_pipelines import feedback_pairs as fp
+from align3gr_pipelines import sentiment
 from align3gr_pipelines.dpo_trainer import (
     DPOConfig,
+    Selection,
+    valid_recall_evaluator,
     pass_through,
     plot_dpo_metrics,
     require_policy,
@@ -23,7 +25,7 @@ from align3gr_pipelines.dpo_trainer import (
     train_stage,
 )
 from align3gr_pipelines.rec_lm import RecLM
-from align3gr_pipelines.self_play import decode_candidates, item_code_table
+from align3gr_pipelines.self_play import decode_candidates, item_code_table, user_tokens_like_sft
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,6 @@ _HINT = {
     "sp_dpo_model_hard": "run `kedro run --pipelines=sp_dpo_curriculum` first",
     "rf_dpo_model_easy": "run the easy stage of rf_dpo first",
 }
-_USER_TOKEN = re.compile(r"<u\d+_\d+>")
 
 
 def _mode(params: dict[str, Any]) -> str:
@@ -51,40 +52,13 @@ def _stage_kind(stage: str, mode: str) -> str | None:
     return "mixed" if stage == "hard" else None
 
 
-def _scorer_factory(cfg: dict[str, Any], feedback: pd.DataFrame, interactions: pd.DataFrame, level_cfg: dict[str, Any], seed: int):
-    """Builds the sentiment scorer on first use (only if some row needs one). Where the data also has
-    rated reviews, the scorer is checked against their ratings — on a held-out half when it was
-    calibrated on the other half (``calibrate_on_rated``)."""
-    from align3gr_pipelines import sentiment
-
-    state: dict[str, Any] = {}
-
-    def build() -> Any:
-        if "scorer" not in state:
-            scorer = sentiment.make_scorer(cfg)
-            n_check = int(cfg.get("check_on_rated", 200))
-            thresholds = (float(level_cfg.get("neutral_min", 2.0)), float(level_cfg.get("liked_min", 4.0)))
-            calibrate = bool(cfg.get("calibrate_on_rated", False)) and isinstance(scorer, sentiment.AnchorSentimentScorer)
-            texts, truth = fp.rated_reviews(feedback, interactions, (2 if calibrate else 1) * n_check, seed, *thresholds)
-            if calibrate and len(texts) >= 2:
-                half = len(texts) // 2
-                state["calibrated"] = scorer.calibrate(texts[:half], truth[:half], seed=seed)
-                texts, truth = texts[half:], truth[half:]
-            if texts:
-                state["agreement"] = fp.agreement(truth, scorer.predict(texts))
-            state["scorer"] = scorer
-        return state["scorer"]
-
-    return build, state
-
-
 def resolve_feedback_levels(
     feedback: pd.DataFrame, interactions: pd.DataFrame, params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Training-period feedback with a level per row (sentiment for review-only rows) and its report."""
     level_cfg = dict(params.get("levels", {}))
     sent_cfg = dict(params.get("sentiment", {}))
-    build, state = _scorer_factory(sent_cfg, feedback, interactions, level_cfg, int(seed))
+    build, state = sentiment.checked_scorer_factory(sent_cfg, feedback, interactions, level_cfg, int(seed))
     levels, report = fp.training_feedback(feedback, interactions, level_cfg, build)
     info: dict[str, Any] = dict(report)
     if "scorer" in state:
@@ -114,32 +88,33 @@ def recommend_for_feedback(
     user_scids: pd.DataFrame,
     params: dict[str, Any],
     seed: int,
+    stage: str,
 ) -> pd.DataFrame:
-    """One row per user: the training-prefix prompt and the policy's top-K recommendations for it."""
-    policy = require_policy(policy, INPUT_POLICY["easy"], _HINT[INPUT_POLICY["easy"]])
+    """One row per user: the prompt (prefix before a liked training item, its target and future) and the
+    top-K recommendations of *this stage's* input policy for it."""
+    name = INPUT_POLICY[stage]
+    policy = require_policy(policy, name, _HINT[name])
     pcfg, rcfg = dict(params.get("prompts", {})), dict(params.get("recommend", {}))
     item_ids, _, tokens = item_code_table(item_scids)
-    inject = pcfg.get("user_scid_in_prompt", "auto")
-    if inject == "auto":
-        # Follow what SFT trained on: user SCIDs in the SEQ prompts or not.
-        seq = sft_examples[(sft_examples["task"] == "seq") & (sft_examples["split"] == "train")]["prompt"]
-        inject = bool(seq.astype(str).str.contains(_USER_TOKEN).any())
-    user_tokens = dict(zip(user_scids["id"].astype(str), user_scids["tokens"].astype(str))) if inject and len(user_scids) else None
+    user_tokens = user_tokens_like_sft(sft_examples, user_scids, pcfg.get("user_scid_in_prompt", "auto"))
     max_users = pcfg.get("max_users")
     prompts, stats = fp.user_prompts(
         train_sequences, levels, dict(zip(item_ids, tokens)), user_tokens, int(pcfg.get("template_id", 0)),
         None if max_users is None else int(max_users), int(seed),
-        None if pcfg.get("max_history") is None else int(pcfg["max_history"]),
+        None if pcfg.get("max_history") is None else int(pcfg["max_history"]), str(pcfg.get("position", "latest_liked")),
     )
     if len(prompts) == 0:
         raise ValueError("rf_dpo: no user has a liked item in the training period (feedback level 'liked', split 'train')")
+    if _stage_kind(stage, _mode(params)) is None:  # the mode skips this stage: nothing to recommend
+        return prompts.assign(recommended=[[] for _ in range(len(prompts))], policy=name)
     top = decode_candidates(
         policy, prompts["prompt"].tolist(), item_scids, item_ids, beam_width=int(rcfg.get("beam_width", 20)),
         top_k=int(rcfg.get("top_k", 20)), batch_size=int(rcfg.get("batch_size", 32)),
         show_progress=bool(rcfg.get("show_progress", True)),
     )
     prompts["recommended"] = [[item_ids[i] for i in row if i >= 0] for row in top]
-    log.info("rf_dpo: %d user prompts (%s), top-%d recommended by the final SP-DPO policy", len(prompts), stats, top.shape[1])
+    prompts["policy"] = name
+    log.info("rf_dpo %s: %d user prompts (%s), top-%d recommended by %s", stage, len(prompts), stats, top.shape[1], name)
     return prompts
 
 
@@ -157,21 +132,23 @@ def build_rf_pairs(
     if n_rej < 1:
         raise ValueError(f"parameters rf_dpo.n_rejected must be >= 1, got {n_rej}")
     pairs, stats = fp.build_feedback_pairs(
-        recommendations, recs, levels, kind, n_rej, bool(params.get("pad_with_unrated", True)),
-        bool(params.get("recommend", {}).get("exclude_history", True)), dict(zip(item_ids, tokens)),
-        dict(zip(item_ids, codes.tolist())),
+        recommendations, recs, levels, kind, n_rej, bool(params.get("pad_with_unrated", False)),
+        dict(zip(item_ids, tokens)), dict(zip(item_ids, codes.tolist())),
     )
     log.info("rf_dpo %s (%s): %s", stage, kind, stats)
     if len(pairs) == 0:
-        raise ValueError(
-            f"rf_dpo {stage}: no pair could be built — no user has a {fp.STAGE_REJECTED[kind]} training item "
-            "(set rf_dpo.pad_with_unrated: true to pad with unrated recommendations)"
+        log.warning(
+            "rf_dpo %s: no pair could be built — no prompt has a later-rated %s training item "
+            "(rf_dpo.pad_with_unrated: true pads with unrated recommendations); the stage passes its policy through",
+            stage, fp.STAGE_REJECTED[kind],
         )
+        return fp.empty_feedback_pairs()
     return pairs
 
 
 def train_rf_stage(
-    policy: RecLM | None, pairs: pd.DataFrame, params: dict[str, Any], seed: int, stage: str
+    policy: RecLM | None, pairs: pd.DataFrame, item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame,
+    params: dict[str, Any], seed: int, stage: str,
 ) -> tuple[RecLM, dict[str, Any], Any]:
     mode = _mode(params)
     name = INPUT_POLICY[stage]
@@ -180,13 +157,20 @@ def train_rf_stage(
     stage_name = f"rf_dpo_{stage}"
     if kind is None:
         model, metrics = pass_through(policy, stage_name, f"mode={mode} trains both levels in the hard slot", {"mode": mode})
+    elif len(pairs) == 0:
+        model, metrics = pass_through(policy, stage_name, "no preference pair (no later-rated item of the stage's level)", {"mode": mode})
     else:
         cfg = DPOConfig.from_params(dict(params.get("training", {})), "parameters rf_dpo.training")
+        sel = Selection.from_params(params.get("selection"), "parameters rf_dpo.selection")
+        evaluate = valid_recall_evaluator(seq_eval_prompts, item_scids, policy.tokenizer, sel, int(seed)) if sel.enabled else None
         info = {"mode": mode, "pairs": kind, "rejected_levels": list(fp.STAGE_REJECTED[kind])}
-        model, metrics = train_stage(policy, pairs, cfg, int(seed) + 10 + STAGES.index(stage), stage_name, reference=name, info=info)
-        for col in ("n_from_recommendations", "n_from_user_history", "n_from_unrated"):
+        model, metrics = train_stage(
+            policy, pairs, cfg, int(seed) + 10 + STAGES.index(stage), stage_name, reference=name, info=info,
+            evaluate=evaluate, selection=sel,
+        )
+        for col in ("n_from_recommendations", "n_from_later_rated", "n_from_unrated"):
             metrics["scalars"][col] = float(pairs[col].sum())
-        metrics["scalars"]["chosen_from_recommendations_fraction"] = float((pairs["chosen_source"] == "recommended").mean())
+        metrics["scalars"]["chosen_is_target_fraction"] = float((pairs["chosen_source"] == "target").mean())
         model.meta["rf_dpo_mode"] = mode
     metrics = stage_metrics_json(metrics)
     return model, metrics, plot_dpo_metrics(metrics, f"RF-DPO {stage} ({mode})")

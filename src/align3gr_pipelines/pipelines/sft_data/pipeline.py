@@ -1,11 +1,14 @@
 """The `sft_data` stage wiring: canonical tables + SCIDs -> multi-task SFT examples and SEQ eval prompts."""
 from kedro.pipeline import Pipeline, node
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import build_seq_eval_prompts, build_sft_examples
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    return Pipeline(
+    return stage_pipeline(
+        "sft_data",
         [
             node(
                 build_sft_examples,
@@ -22,5 +25,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs="seq_eval_prompts",
                 name="build_seq_eval_prompts",
             ),
-        ]
+        ],
     )

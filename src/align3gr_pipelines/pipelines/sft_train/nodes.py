@@ -20,10 +20,13 @@ def train_sft_model(
     sasrec_model: Any,
     params: dict[str, Any],
     seed: int,
+    seq_eval_prompts: pd.DataFrame | None = None,
 ) -> tuple[RecLM, dict[str, Any]]:
     """Multi-task SFT of the backbone on the SFT examples; returns the RecLM and its metrics JSON.
-    `sasrec_model` (None when tokenization never wrote it) is only used by ``objective: tca4rec``."""
-    return fit_sft(sft_examples, item_scids, user_scids, params, seed, cf_model=sasrec_model)
+    `sasrec_model` (None when tokenization never wrote it) is only used by ``objective: tca4rec``;
+    `seq_eval_prompts` by model selection on valid recall (``trainer.model_selection.metric: valid_recall``)."""
+    return fit_sft(sft_examples, item_scids, user_scids, params, seed, cf_model=sasrec_model,
+                   seq_eval_prompts=seq_eval_prompts)
 
 
 def plot_training_curve(metrics: dict[str, Any]) -> plt.Figure:
@@ -40,6 +43,13 @@ def plot_training_curve(metrics: dict[str, Any]) -> plt.Figure:
     ax_loss.set_ylabel("loss per labelled token")
     ax_loss.set_title("SFT loss")
     ax_loss.legend()
+    recall = [k for k in curves if k.startswith("valid_recall@") and curves[k]]
+    if recall:  # the selection metric, on its own axis beside the loss
+        steps, values = zip(*curves[recall[0]])
+        ax_recall = ax_loss.twinx()
+        ax_recall.plot(steps, values, "s--", color="tab:green", label=f"{recall[0]} (selection)")
+        ax_recall.set_ylabel(recall[0])
+        ax_recall.legend(loc="center right")
     if curves.get("learning_rate"):
         steps, values = zip(*curves["learning_rate"])
         ax_lr.plot(steps, values)

@@ -24,6 +24,8 @@ import pandas as pd
 from align3gr_pipelines import self_play
 from align3gr_pipelines.dpo_trainer import (
     DPOConfig,
+    Selection,
+    valid_recall_evaluator,
     pass_through,
     plot_dpo_metrics,
     require_policy,
@@ -59,15 +61,35 @@ def _stage_index(stage: str) -> int:
     return STAGES.index(stage)
 
 
+def _prompts(sft_examples, train_sequences, user_scids, item_ids, tokens, params, seed: int, stage: str) -> pd.DataFrame:
+    pcfg = dict(params.get("prompts", {}))
+    source = pcfg.get("source", "sft_seq")
+    if source == "sft_seq":
+        prompts, info = self_play.sample_prompts(sft_examples, item_ids, seed)
+    elif source == "non_sft_transitions":
+        users = self_play.user_tokens_like_sft(sft_examples, user_scids, pcfg.get("user_scid_in_prompt", "auto"))
+        prompts, info = self_play.transition_prompts(
+            train_sequences, sft_examples, item_ids, tokens, users, int(pcfg.get("max_history", 10)), int(pcfg.get("template_id", 0)), seed
+        )
+        if len(prompts) == 0:
+            log.warning("sp_dpo %s: every training transition was an SFT SEQ target; using the SFT SEQ prompts", stage)
+            prompts, info = self_play.sample_prompts(sft_examples, item_ids, seed)
+    else:
+        raise ValueError(f"parameters sp_dpo_curriculum.prompts.source: expected sft_seq or non_sft_transitions, got {source!r}")
+    log.info("sp_dpo %s: %d candidate prompts from %s (%s)", stage, len(prompts), source, info)
+    return prompts
+
+
 def build_self_play_pairs(
-    policy: RecLM | None, sft_examples: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any], seed: int, stage: str
-) -> pd.DataFrame:
-    """The stage's pairs: prompt, user_id, chosen (+ tokens), rejected list (+ tokens), overlap list,
-    n_generated, filled. Empty for a stage the mode skips."""
+    policy: RecLM | None, sft_examples: pd.DataFrame, train_sequences: pd.DataFrame, item_scids: pd.DataFrame,
+    user_scids: pd.DataFrame, params: dict[str, Any], seed: int, stage: str,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The stage's pairs (prompt, user_id, chosen (+ tokens), rejected list (+ tokens), overlap list,
+    n_generated, filled) and its mining report. Empty for a stage the mode skips."""
     mode = _mode(params)
     if not _trains(stage, mode):
         log.info("sp_dpo %s: skipped in mode %r, no pairs", stage, mode)
-        return self_play.empty_pairs()
+        return self_play.empty_pairs(), {"scalars": {"skipped": 1.0}, "info": {"mode": mode}}
     policy = require_policy(policy, INPUT_POLICY[stage], _HINT[INPUT_POLICY[stage]])
     item_ids, codes, tokens = self_play.item_code_table(item_scids)
     n_levels, n_stages = codes.shape[1], len(STAGES)
@@ -75,9 +97,8 @@ def build_self_play_pairs(
     per_stage = int(params.get("prompts_per_stage", 256))
     if n_neg < 1 or per_stage < 1:
         raise ValueError(f"sp_dpo_curriculum: n_negatives and prompts_per_stage must be >= 1, got {n_neg}, {per_stage}")
-    prompts, info = self_play.sample_prompts(sft_examples, item_ids, seed)
-    if info["unknown_targets"]:
-        log.warning("sp_dpo %s: %d SEQ prompts have a target missing from item_scids; left out", stage, info["unknown_targets"])
+    mining = self_play.Mining.from_params(params.get("mining"), n_stages)
+    prompts = _prompts(sft_examples, train_sequences, user_scids, item_ids, tokens, params, int(seed), stage)
     # Disjoint prompt subsets per curriculum stage (wrapping round when there are too few); the single
     # stage of the ablation modes takes all three subsets.
     if mode == "curriculum":
@@ -89,32 +110,36 @@ def build_self_play_pairs(
     rng = np.random.default_rng([seed, _stage_index(stage)])
     dec = params.get("decoding", {})
     if mode == "random":
-        quotas, candidates = None, None
+        pairs, stats = self_play.build_pairs(prompts, item_ids, codes, tokens, None, None, n_neg, rng)
+        buckets = None
     else:
+        stage_i = _stage_index(stage) if mode == "curriculum" else None
         quotas = (
-            self_play.curriculum_quotas(_stage_index(stage), n_stages, n_levels, n_neg)
-            if mode == "curriculum"
+            self_play.curriculum_quotas(stage_i, n_stages, n_levels, n_neg) if stage_i is not None
             else self_play.mixed_quotas(n_stages, n_levels, n_neg)
         )
-        candidates = self_play.decode_candidates(
+        buckets = self_play.stage_buckets(quotas, stage_i, n_stages, n_neg, mining)
+        show = bool(dec.get("show_progress", True))
+        beam = self_play.decode_candidates(
             policy, prompts["prompt"].tolist(), item_scids, item_ids,
             beam_width=int(dec.get("beam_width", 20)), top_k=int(dec.get("top_k", 20)),
-            batch_size=int(dec.get("batch_size", 32)), show_progress=bool(dec.get("show_progress", True)),
+            batch_size=int(dec.get("batch_size", 32)), show_progress=show,
         )
-    pairs, stats = self_play.build_pairs(prompts, item_ids, codes, tokens, candidates, quotas, n_neg, rng)
+        pairs, stats = self_play.mine_pairs(policy, prompts, item_scids, item_ids, codes, tokens, beam, buckets, mining, rng, show)
     log.info(
-        "sp_dpo %s (%s): %d pairs from %d prompts, quotas %s; %d negatives generated, %d filled from the catalogue "
-        "(%.0f%% of pairs needed a fill); %d prompts dropped with no negative",
-        stage, mode, len(pairs), len(prompts), quotas, stats["n_rejected_generated"], stats["n_rejected_filled"],
-        100 * stats["pairs_with_fill_fraction"], stats["n_dropped_no_negative"],
+        "sp_dpo %s (%s, mining %s): %d pairs from %d prompts, buckets %s; %d negatives ranked by the policy, %d filled "
+        "from the catalogue (filled share %.1f%%); %d prompts dropped with no negative",
+        stage, mode, mining, len(pairs), len(prompts), buckets, stats["n_rejected_generated"], stats["n_rejected_filled"],
+        100 * stats.get("filled_fraction", 0.0), stats["n_dropped_no_negative"],
     )
     if len(pairs) == 0:
-        raise ValueError(f"sp_dpo {stage}: no preference pair could be built (no catalogue item in overlap range {quotas})")
-    return pairs
+        raise ValueError(f"sp_dpo {stage}: no preference pair could be built (no catalogue item in buckets {buckets})")
+    return pairs, {"scalars": stats, "info": {"mode": mode, "mining": str(mining), "buckets": str(buckets)}}
 
 
 def train_self_play_stage(
-    policy: RecLM | None, pairs: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any], seed: int, stage: str
+    policy: RecLM | None, pairs: pd.DataFrame, mining: dict[str, Any], item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame,
+    params: dict[str, Any], seed: int, stage: str,
 ) -> tuple[RecLM, dict[str, Any], Any]:
     """Trains the stage (reference = the input policy) or passes the policy through in ablation modes."""
     mode = _mode(params)
@@ -134,15 +159,13 @@ def train_self_play_stage(
         }
         if mode == "curriculum":
             info["overlap_range"] = list(self_play.overlap_range(_stage_index(stage), len(STAGES), n_levels))
-        model, metrics = train_stage(policy, pairs, cfg, int(seed) + _stage_index(stage), stage_name, reference=name, info=info)
-        metrics["scalars"].update(
-            {
-                "n_rejected_generated": float(pairs["n_generated"].sum()),
-                "n_rejected_filled": float(pairs["filled"].sum()),
-                "pairs_with_fill_fraction": float((pairs["filled"] > 0).mean()),
-                **self_play.overlap_histogram(pairs, n_levels),
-            }
+        sel = Selection.from_params(params.get("selection"), "parameters sp_dpo_curriculum.selection")
+        evaluate = valid_recall_evaluator(seq_eval_prompts, item_scids, policy.tokenizer, sel, int(seed)) if sel.enabled else None
+        model, metrics = train_stage(
+            policy, pairs, cfg, int(seed) + _stage_index(stage), stage_name, reference=name, info=info, evaluate=evaluate, selection=sel
         )
+        metrics["scalars"].update({**mining.get("scalars", {}), **self_play.overlap_histogram(pairs, n_levels)})
+        metrics["info"]["mining"] = mining.get("info", {})
         model.meta["sp_dpo_mode"] = mode
     metrics = stage_metrics_json(metrics)
     return model, metrics, plot_dpo_metrics(metrics, f"SP-DPO {stage} ({mode})")

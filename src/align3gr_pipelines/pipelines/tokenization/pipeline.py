@@ -1,6 +1,8 @@
 """The `tokenization` stage wiring: dual SCIDs for users and items (Align3GR, stage 1)."""
 from kedro.pipeline import Node, Pipeline
 
+from align3gr_pipelines.pipelines import stage_pipeline
+
 from .nodes import (
     assign_scids,
     embed_semantics,
@@ -13,7 +15,8 @@ from .nodes import (
 
 def create_pipeline(**kwargs) -> Pipeline:
     embeddings = ["item_semantic_embeddings", "user_semantic_embeddings", "item_cf_embeddings", "user_cf_embeddings"]
-    return Pipeline(
+    return stage_pipeline(
+        "tokenization",
         [
             Node(
                 embed_semantics,
@@ -51,5 +54,5 @@ def create_pipeline(**kwargs) -> Pipeline:
                 outputs=["tokenization_quality", "tokenization_metrics", "codebook_usage_plot"],
                 name="report_tokenization_quality",
             ),
-        ]
+        ],
     )

@@ -1,0 +1,318 @@
+"""The trained recommender as a user calls it: item history (+ optional user id) -> constrained top-K.
+
+`Recommender` wraps one LM checkpoint (a `RecLM`) with the item catalogue (`item_scids`), the item titles
+(`items`) and the user SCIDs. A request is rendered into the SEQ prompt exactly as `sft_data` renders
+`seq_eval_prompts` (same `prompts.seq_prompt`, the same history cut, phrasing and user-SCID injection), and
+decoded by the evaluation stage's constrained beam search over the catalogue's valid SCIDs, so a request
+for an evaluation user's history gets the list evaluation scored. As in evaluation, items of the history
+are not filtered out of the answer.
+
+Every request is checked before anything is decoded: an unknown item id, an empty history, a K outside
+1..catalogue size or a malformed field raises `RequestError` naming the request and the problem.
+
+The same class backs the Python API, the Kedro `inference` pipeline and the MLflow pyfunc
+(`recommender_model.py`), so the three give identical lists for the same request. A request's list does
+not depend on the other requests decoded with it; only its scores may differ in the last float bits when
+left padding in a batch differs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from align3gr_pipelines.constrained_decoding import SCIDCatalog, decode_prompts
+from align3gr_pipelines.prompts import seq_prompt
+from align3gr_pipelines.rec_lm import RecLM
+
+log = logging.getLogger(__name__)
+
+# LM checkpoints under 06_models, newest DAG stage first: (label as in the evaluation table, directory).
+CHECKPOINTS: tuple[tuple[str, str], ...] = (
+    ("rf_dpo_hard", "rf_dpo_hard"),
+    ("rf_dpo_easy", "rf_dpo_easy"),
+    ("sp_dpo_hard", "sp_dpo_hard"),
+    ("sp_dpo_medium", "sp_dpo_medium"),
+    ("sp_dpo_easy", "sp_dpo_easy"),
+    ("sft", "sft_model"),
+)
+# Written last by CheckpointDataset: a directory without it is an interrupted save, never a checkpoint.
+COMPLETE_MARKER = "_CHECKPOINT_COMPLETE.json"
+OUTPUT_COLUMNS = ["request_id", "user_id", "rank", "item_id", "title", "score", "model"]
+UNKNOWN_USER_MODES = ("anonymous", "error")
+
+
+class RequestError(ValueError):
+    """A request the recommender cannot answer; the message names the request and what is wrong."""
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """How a history becomes a SEQ prompt; must equal what `sft_data` used for `seq_eval_prompts`."""
+
+    max_history: int
+    template_id: int = 0
+    inject_user_scid: bool = True
+
+    @classmethod
+    def from_sft_data(cls, params: Mapping[str, Any]) -> "PromptSettings":
+        """From the `sft_data` parameters (max_history, eval_template_id, inject_user_scid)."""
+        return cls(int(params["max_history"]), int(params.get("eval_template_id", 0)), bool(params.get("inject_user_scid", True)))
+
+
+@dataclass(frozen=True)
+class Request:
+    history: list[str]
+    k: int
+    user_id: str | None = None
+
+
+def _complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+def resolve_checkpoint(models_dir: str | Path, checkpoint: str | None = None) -> tuple[str, Path]:
+    """(stage label, directory) of the checkpoint to serve. ``checkpoint`` None picks the newest complete
+    stage in DAG order (rf_dpo_hard, rf_dpo_easy, sp_dpo_hard, ..., sft); a stage label ('sp_dpo_easy'),
+    a directory name under ``models_dir`` ('sft_model') or a path to a checkpoint directory picks one."""
+    root = Path(models_dir)
+    if checkpoint is None:
+        for label, name in CHECKPOINTS:
+            if _complete(root / name):
+                return label, root / name
+        looked = ", ".join(name for _, name in CHECKPOINTS)
+        raise FileNotFoundError(f"no complete LM checkpoint in {root} (looked for {looked}); run sft_train first")
+    by_label = dict(CHECKPOINTS)
+    names = {name: label for label, name in CHECKPOINTS}
+    if checkpoint in by_label:
+        label, path = checkpoint, root / by_label[checkpoint]
+    elif checkpoint in names:
+        label, path = names[checkpoint], root / checkpoint
+    else:
+        path = Path(checkpoint)
+        label = names.get(path.name, path.name)
+    if not _complete(path):
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint!r}: no complete checkpoint at {path} (missing {COMPLETE_MARKER}); "
+            f"known stages: {[label for label, _ in CHECKPOINTS]}"
+        )
+    return label, path
+
+
+def _as_item_id(value: Any, where: str) -> str:
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return str(int(value))
+    raise RequestError(f"{where}: item ids must be non-empty strings or integers, got {value!r}")
+
+
+def parse_request(raw: Any, where: str = "request") -> Request:
+    """A request from a mapping with `history` (list of item ids), optional `user_id` and `k`."""
+    if not isinstance(raw, Mapping):
+        raise RequestError(f"{where}: expected an object with 'history', 'user_id' (optional) and 'k', got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"history", "user_id", "k"})
+    if unknown:
+        raise RequestError(f"{where}: unknown field(s) {unknown}; a request has 'history', 'user_id' (optional) and 'k'")
+    history = raw.get("history")
+    if history is None or isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
+        raise RequestError(f"{where}: 'history' must be a list of item ids, got {history!r}")
+    items = [_as_item_id(i, f"{where}.history[{n}]") for n, i in enumerate(history)]
+    if not items:
+        raise RequestError(f"{where}: 'history' is empty; the recommender needs at least one item the user interacted with")
+    k = raw.get("k")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise RequestError(f"{where}: 'k' must be an integer >= 1, got {k!r}")
+    user = _null_to_none(raw.get("user_id"))  # a missing cell of a table (NaN) is no user id
+    if user is not None and not (isinstance(user, str) or (isinstance(user, numbers.Integral) and not isinstance(user, bool))):
+        raise RequestError(f"{where}: 'user_id' must be a string, an integer or null, got {user!r}")
+    return Request(history=items, k=int(k), user_id=None if user is None or user == "" else str(user))
+
+
+class Recommender:
+    """Constrained top-K recommendations of one LM checkpoint over the item catalogue."""
+
+    def __init__(
+        self,
+        rec_lm: RecLM,
+        item_scids: pd.DataFrame,
+        items: pd.DataFrame | None,
+        user_scids: pd.DataFrame | None,
+        prompt: PromptSettings,
+        *,
+        beam_width: int = 20,
+        batch_size: int = 32,
+        unknown_user: str = "anonymous",
+        stage: str = "lm",
+    ) -> None:
+        if unknown_user not in UNKNOWN_USER_MODES:
+            raise ValueError(f"unknown_user must be one of {UNKNOWN_USER_MODES}, got {unknown_user!r}")
+        if int(beam_width) < 1 or int(batch_size) < 1:
+            raise ValueError(f"beam_width and batch_size must be >= 1, got {beam_width}, {batch_size}")
+        if int(prompt.max_history) < 1:
+            raise ValueError(f"max_history must be >= 1, got {prompt.max_history}")
+        self.rec_lm, self.prompt, self.stage = rec_lm, prompt, stage
+        self.checkpoint_dir: Path | None = None  # set when loaded from a checkpoint directory
+        self.beam_width, self.batch_size, self.unknown_user = int(beam_width), int(batch_size), unknown_user
+        self.catalog = SCIDCatalog.from_scids(item_scids, rec_lm.tokenizer)
+        self.item_tokens = dict(zip(self.catalog.item_ids, self.catalog.scid_strings or []))
+        titles = {}
+        if items is not None:
+            missing = [c for c in ("item_id", "title") if c not in items.columns]
+            if missing:
+                raise ValueError(f"recommender: 'items' lacks column(s) {missing}")
+            titles = dict(zip(items["item_id"].astype(str), items["title"].astype(str)))
+        self.titles = titles
+        self.user_tokens: dict[str, str] = {}
+        if user_scids is not None and len(user_scids):
+            missing = [c for c in ("id", "tokens") if c not in user_scids.columns]
+            if missing:
+                raise ValueError(f"recommender: 'user_scids' lacks column(s) {missing}")
+            self.user_tokens = dict(zip(user_scids["id"].astype(str), user_scids["tokens"].astype(str)))
+
+    @property
+    def n_items(self) -> int:
+        return self.catalog.n_items
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path, item_scids: pd.DataFrame, items: pd.DataFrame | None, user_scids: pd.DataFrame | None,
+        prompt: PromptSettings, *, device: str | None = "auto", stage: str | None = None, **kwargs: Any,
+    ) -> "Recommender":
+        path = Path(checkpoint)
+        rec_lm = RecLM.from_pretrained(str(path), device=device)
+        if rec_lm.meta.get("skipped"):
+            log.info("recommender: %s is a skipped (pass-through) stage: the previous stage's weights", path)
+        rec = cls(rec_lm, item_scids, items, user_scids, prompt, stage=stage or path.name, **kwargs)
+        rec.checkpoint_dir = path
+        return rec
+
+    # ---- requests ----
+
+    def check(self, request: Request, where: str = "request") -> None:
+        """Raise RequestError if the recommender cannot answer ``request``."""
+        if not request.history:
+            raise RequestError(f"{where}: 'history' is empty; the recommender needs at least one item the user interacted with")
+        unknown = list(dict.fromkeys(i for i in request.history if i not in self.item_tokens))
+        if unknown:
+            raise RequestError(f"{where}: unknown item id(s) {unknown[:5]} in 'history' (not in the catalogue of {self.n_items} items)")
+        if not 1 <= request.k <= self.n_items:
+            raise RequestError(f"{where}: 'k' = {request.k} is outside 1..{self.n_items} (the catalogue holds {self.n_items} items)")
+        if request.user_id is not None and self.unknown_user == "error" and request.user_id not in self.user_tokens:
+            raise RequestError(f"{where}: unknown user_id {request.user_id!r} (not in user_scids); omit it for an anonymous user")
+
+    def prompt_for(self, request: Request) -> str:
+        """The SEQ prompt of a request, as sft_data builds seq_eval_prompts."""
+        history = [self.item_tokens[i] for i in request.history[-self.prompt.max_history :]]
+        user = self.user_tokens.get(request.user_id) if (self.prompt.inject_user_scid and request.user_id is not None) else None
+        return seq_prompt(history, user, self.prompt.template_id)
+
+    def recommend_many(
+        self, requests: Sequence[Request | Mapping[str, Any]], names: Sequence[str] | None = None
+    ) -> list[list[dict[str, Any]]]:
+        """One ranked list per request: dicts with rank (1-based), item_id, title, score (the summed log-
+        probability of the item's SCID tokens). All requests are checked before any is decoded; an error
+        names the request by ``names[n]`` (default "request n")."""
+        where = list(names) if names is not None else [f"request {n}" for n in range(len(requests))]
+        parsed = [r if isinstance(r, Request) else parse_request(r, where[n]) for n, r in enumerate(requests)]
+        for n, r in enumerate(parsed):
+            self.check(r, where[n])
+        out: list[list[dict[str, Any]]] = [[] for _ in parsed]
+        # The decoder widens the beam to k when k > beam_width, which changes every list in its batch: requests
+        # are decoded in groups of equal effective width, so a list never depends on the other requests.
+        groups: dict[int, list[int]] = {}
+        for n, r in enumerate(parsed):
+            groups.setdefault(max(self.beam_width, r.k), []).append(n)
+        for width, members in sorted(groups.items()):
+            prompts = [self.prompt_for(parsed[n]) for n in members]
+            top = max(parsed[n].k for n in members)
+            idx, score = decode_prompts(self.rec_lm, prompts, self.catalog, beam_width=width, top_k=top, batch_size=self.batch_size)
+            for row, n in enumerate(members):
+                k = parsed[n].k
+                picked = idx[row, :k].tolist()
+                if min(picked) < 0:  # the catalogue holds >= k items, so a correct decoder always fills k slots
+                    raise RuntimeError(f"recommender: constrained decoding returned fewer than {k} items for request {n}")
+                out[n] = [
+                    {"rank": r + 1, "item_id": self.catalog.item_ids[i], "title": self.titles.get(self.catalog.item_ids[i], ""),
+                     "score": float(s)}
+                    for r, (i, s) in enumerate(zip(picked, score[row, :k].tolist()))
+                ]
+        return out
+
+    def recommend(self, history: Sequence[str | int], user_id: str | None = None, k: int = 10) -> list[dict[str, Any]]:
+        """Top-``k`` catalogue items for one user's history (oldest first)."""
+        return self.recommend_many([{"history": list(history), "user_id": user_id, "k": k}])[0]
+
+    def recommend_frame(self, requests: pd.DataFrame, default_k: int) -> pd.DataFrame:
+        """A requests table (history, optional user_id, k, request_id) -> one row per recommended item."""
+        if "history" not in requests.columns:
+            raise RequestError(f"requests table: no 'history' column (columns: {list(requests.columns)}); expected history, user_id (optional), k (optional)")
+        ids = requests["request_id"].astype(str).tolist() if "request_id" in requests.columns else [str(n) for n in range(len(requests))]
+        if len(set(ids)) != len(ids):
+            raise RequestError("requests table: 'request_id' has duplicates")
+        raw = []
+        for n, row in enumerate(requests.to_dict("records")):
+            k = row.get("k", default_k)
+            raw.append({"history": _plain_list(row["history"]), "user_id": _null_to_none(row.get("user_id")),
+                        "k": default_k if _null_to_none(k) is None else _plain_int(k)})
+        names = [f"request {rid!r} (row {n})" for n, rid in enumerate(ids)]
+        parsed = [parse_request(r, names[n]) for n, r in enumerate(raw)]
+        lists = self.recommend_many(parsed, names)
+        rows = [{"request_id": rid, "user_id": req.user_id, **item, "model": self.stage} for rid, req, lst in zip(ids, parsed, lists) for item in lst]
+        frame = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+        return frame.astype({"request_id": "str", "rank": "int64", "item_id": "str", "title": "str", "score": "float64", "model": "str"})
+
+    def settings(self) -> dict[str, Any]:
+        return {"prompt": asdict(self.prompt), "beam_width": self.beam_width, "batch_size": self.batch_size,
+                "unknown_user": self.unknown_user, "stage": self.stage}
+
+
+def build_recommender(
+    item_scids: pd.DataFrame, items: pd.DataFrame | None, user_scids: pd.DataFrame | None,
+    sft_data_params: Mapping[str, Any], params: Mapping[str, Any],
+) -> Recommender:
+    """The recommender the `inference` parameters describe: the checkpoint they name (or the newest stage
+    under `models_dir`), prompts shaped by the `sft_data` parameters (as `seq_eval_prompts` is)."""
+    stage, path = resolve_checkpoint(params["models_dir"], params.get("checkpoint"))
+    log.info("recommender: checkpoint %s (%s)", path, stage)
+    return Recommender.from_checkpoint(
+        path, item_scids, items, user_scids, PromptSettings.from_sft_data(sft_data_params), device=params.get("device", "auto"),
+        stage=stage, beam_width=int(params["beam_width"]), batch_size=int(params["batch_size"]),
+        unknown_user=str(params.get("unknown_user", "anonymous")),
+    )
+
+
+def _null_to_none(value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return None if pd.isna(value) else value
+    except (TypeError, ValueError):  # arrays and lists: not a missing scalar
+        return value
+
+
+def _plain_list(value: Any) -> Any:
+    """Parquet list cells come back as numpy arrays; the request parser wants plain lists."""
+    return value.tolist() if hasattr(value, "tolist") and not isinstance(value, (str, bytes)) else value
+
+
+def _plain_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value.item() if hasattr(value, "item") else value
+
+
+def write_settings(recommender: Recommender, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(recommender.settings(), indent=2))
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    raw = json.loads(Path(path).read_text())
+    return {"prompt": PromptSettings(**raw["prompt"]), "beam_width": int(raw["beam_width"]), "batch_size": int(raw["batch_size"]),
+            "unknown_user": str(raw["unknown_user"]), "stage": str(raw["stage"])}

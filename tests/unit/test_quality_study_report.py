@@ -1,0 +1,41 @@
+"""The study's machine-readable results (docs/results_<env>.json): every <run>/<model>, mean, 95% t-CI and
+per-seed values, on hand-made finished jobs."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import quality_study  # noqa: E402
+
+
+def _job(out: Path, run: str, seed: int, values: dict[str, float]) -> None:
+    d = out / "results" / run / f"seed{seed}"
+    d.mkdir(parents=True)
+    rows = [{"model": m, "split": "test", "metric": "recall@10", "value": v, "n_users": 610} for m, v in values.items()]
+    pd.DataFrame(rows).to_parquet(d / "metrics.parquet")
+
+
+def test_results_json_has_every_run_model_with_mean_ci_and_seeds(tmp_path):
+    for seed, (sas, sft, rf) in zip((42, 43, 44), ((0.1, 0.05, 0.06), (0.2, 0.07, 0.07), (0.3, 0.09, 0.11))):
+        _job(tmp_path, "full", seed, {"sasrec": sas, "sft": sft, "rf_dpo_hard": rf})
+    _job(tmp_path, "sft_seq", 42, {"sft": 0.08})
+    doc = quality_study.results_json(tmp_path, "ml_latest_small", "cmd")
+    assert doc["dataset"] == "ml_latest_small" and doc["seeds"] == [42, 43, 44]
+    assert set(doc["rows"]) == {"full/sasrec", "full/sft", "full/rf_dpo_hard", "sft_seq/sft"}
+    r = doc["rows"]["full/sasrec"]["test"]["recall@10"]
+    # mean 0.2, sd 0.1, t(0.975, df=2) = 4.302653 -> half-width 4.302653 * 0.1 / sqrt(3) = 0.248414
+    assert r["mean"] == pytest.approx(0.2)
+    assert r["ci95"] == pytest.approx([0.2 - 0.248414, 0.2 + 0.248414], abs=1e-6)
+    assert r["per_seed"] == pytest.approx({"42": 0.1, "43": 0.2, "44": 0.3})
+    one = doc["rows"]["sft_seq/sft"]["test"]["recall@10"]
+    assert one["mean"] == pytest.approx(0.08) and one["ci95"] is None  # one seed: no interval
+    # Paired SP-DPO -> RF-DPO etc. need their lines; SASRec -> full is there: per-seed rf - sasrec.
+    pair = next(p for p in doc["paired_differences"] if p["b"].endswith("Align3GR (full)") and p["a"].endswith("SASRec")
+                and p["metric"] == "recall@10")
+    assert pair["per_seed"] == pytest.approx({"42": -0.04, "43": -0.13, "44": -0.19})
+    json.dumps(doc)  # serialisable as is

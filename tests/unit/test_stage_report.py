@@ -1,0 +1,45 @@
+"""Per preference stage: changed top-K lists, Recall@K by the target's feedback level, paired deltas."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from align3gr_pipelines.stage_report import report_markdown, stage_report
+
+CASES = pd.DataFrame({"split": "test", "user_id": ["u1", "u2", "u3", "u4"], "target": ["a", "b", "c", "d"]})
+FEEDBACK = pd.DataFrame(
+    {"user_id": ["u1", "u2", "u3", "u4", "u1"], "item_id": ["a", "b", "c", "d", "z"],
+     "level": ["liked", "neutral", "disliked", "liked", "disliked"], "split": ["test", "test", "test", "test", "train"]}
+)
+
+
+def _recs(model, lists):
+    rows = [(model, "test", u, r + 1, item, 1.0 - r / 10) for u, items in lists.items() for r, item in enumerate(items)]
+    return pd.DataFrame(rows, columns=["model", "split", "user_id", "rank", "item_id", "score"])
+
+
+def test_changed_share_levels_and_paired_deltas():
+    sft = _recs("sft", {"u1": ["a", "x"], "u2": ["x", "y"], "u3": ["c", "y"], "u4": ["x", "y"]})
+    # easy: u2 gains its (neutral) target, u3 loses its (disliked) one, u4 is reordered only
+    easy = _recs("sp_dpo_easy", {"u1": ["a", "x"], "u2": ["b", "y"], "u3": ["x", "y"], "u4": ["y", "x"]})
+    rep = stage_report(pd.concat([sft, easy]), CASES, FEEDBACK, k=2, n_bootstrap=200, n_permutations=200)["test"]
+    assert set(rep) == {"sft", "sp_dpo_easy"} and "changed_share" not in rep["sft"]
+    e = rep["sp_dpo_easy"]
+    assert e["input"] == "sft" and e["changed_share"] == 0.75 and e["changed_set_share"] == 0.5
+    assert rep["sft"]["recall@2"] == 0.5 and e["recall@2"] == 0.5
+    assert (e["recall@2_liked"], e["recall@2_neutral"], e["recall@2_disliked"]) == (0.5, 1.0, 0.0)
+    assert (rep["sft"]["recall@2_neutral"], rep["sft"]["recall@2_disliked"]) == (0.0, 1.0)
+    assert (e["n_liked"], e["n_neutral"], e["n_disliked"]) == (2, 1, 1)
+    assert e["delta_vs_input"]["mean"] == 0.0 and e["delta_vs_input"]["ci_low"] <= 0 <= e["delta_vs_input"]["ci_high"]
+    assert "| sp_dpo_easy | sft | 75.0% |" in report_markdown({"test": rep}, k=2)
+
+
+def test_a_level_without_targets_is_nan():
+    sft = _recs("sft", {"u1": ["a"], "u4": ["d"]})
+    cases = CASES[CASES["user_id"].isin(["u1", "u4"])]
+    rep = stage_report(sft, cases, FEEDBACK, k=1)["test"]["sft"]
+    assert rep["recall@1_liked"] == 1.0 and math.isnan(rep["recall@1_neutral"])
+    with pytest.raises(ValueError, match="feedback"):
+        stage_report(sft, cases, FEEDBACK.drop(columns="level"), k=1)

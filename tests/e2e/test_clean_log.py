@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# whole pipelines in a subprocess (which has its own 900 s limit) on 2 busy cores
+pytestmark = pytest.mark.timeout(1200)
 
 TINY = ",".join(
     [
@@ -49,8 +51,8 @@ TINY = ",".join(
         "rf_dpo.n_rejected=3",
         "rf_dpo.recommend.top_k=4",
         "rf_dpo.recommend.beam_width=4",
-        "evaluation.beam_width=5",
-        "evaluation.top_k=5",
+        "evaluation.beam_width=10",
+        "evaluation.top_k=10",  # >= the largest of evaluation.ks
         "evaluation.max_users.valid=10",
         "evaluation.max_users.test=10",
         "evaluation.bootstrap.n_resamples=20",

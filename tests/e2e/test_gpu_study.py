@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# whole pipelines in a subprocess (which has its own 900 s limit) on 2 busy cores
+pytestmark = pytest.mark.timeout(1200)
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_study  # noqa: E402

@@ -194,7 +194,7 @@ class Study:
         return {str(p.relative_to(data)): (p.stat().st_size, p.stat().st_mtime_ns) for p in data.rglob("*") if p.is_file()}
 
     def _run_stage(self, ws: Path, run: Run, seed: int, stage: str, nodes: list[str] | None = None) -> dict[str, Any]:
-        cmd = [self.kedro, "run", "--env", self.env, "--pipeline", stage, "--params", params_arg(self.overrides(run, seed))]
+        cmd = [self.kedro, "run", "--env", self.env, "--pipelines", stage, "--params", params_arg(self.overrides(run, seed))]
         if nodes:
             cmd += ["--nodes", ",".join(nodes)]
         env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1",
@@ -231,7 +231,7 @@ class Study:
             for stage, key in keys.items():
                 cached = (self.out / "cache" / stage / key / "manifest.json").exists()
                 print(f"[dry] {run.name} seed {seed} {stage:18s} {'cached' if cached else 'RUN   '} {key}")
-            print("      kedro run --env", self.env, "--pipeline <stage> --params", params_arg(self.overrides(run, seed)))
+            print("      kedro run --env", self.env, "--pipelines <stage> --params", params_arg(self.overrides(run, seed)))
             return
         ws = self._workspace(run, seed)
         data = ws / "data"
@@ -655,7 +655,7 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
     md += ["## Reproducing a row", "",
            "Each run is `python benchmarks/quality_study.py --rows <run> --seeds 42,43,44` (add `--jobs 3` to run "
            "the seeds at once), which runs, per seed and per stage, "
-           "`kedro run --env ml_latest_small --pipeline <stage> --params seed=<seed>,<overrides>` with:", "",
+           "`kedro run --env ml_latest_small --pipelines <stage> --params seed=<seed>,<overrides>` with:", "",
            "| run | what it is | overrides of conf/base + conf/ml_latest_small | stages |", "|---|---|---|---|"]
     for run in RUNS.values():
         overrides = ", ".join(f"`{k}={_cli_value(v)}`" for k, v in run.overrides.items()) or "none"

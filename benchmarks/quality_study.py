@@ -469,9 +469,7 @@ def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
     paired = []
     for a, b in PAIRS:
         for metric in ("recall@10", "ndcg@10"):
-            va = long[(long.table == a[0]) & (long.label == a[1]) & (long.metric == metric)].set_index("seed")["value"]
-            vb = long[(long.table == b[0]) & (long.label == b[1]) & (long.metric == metric)].set_index("seed")["value"]
-            seeds = sorted(set(va.index) & set(vb.index))
+            seeds, va, vb = _paired_values(long, a, b, metric)
             if not seeds:
                 continue
             diffs = [float(vb[s] - va[s]) for s in seeds]
@@ -532,6 +530,13 @@ PAIRS = [
 ]
 
 
+def _paired_values(long, a: tuple[str, str], b: tuple[str, str], metric: str):
+    """The seeds both report lines `a` and `b` have for `metric`, and each line's values indexed by seed."""
+    va = long[(long.table == a[0]) & (long.label == a[1]) & (long.metric == metric)].set_index("seed")["value"]
+    vb = long[(long.table == b[0]) & (long.label == b[1]) & (long.metric == metric)].set_index("seed")["value"]
+    return sorted(set(va.index) & set(vb.index)), va, vb
+
+
 def _paired_table(long) -> list[str]:
     if not len(long):
         return ["nothing measured yet"]
@@ -539,9 +544,7 @@ def _paired_table(long) -> list[str]:
     for a, b in PAIRS:
         cells, seeds = [], []
         for metric in ("recall@10", "ndcg@10"):
-            va = long[(long.table == a[0]) & (long.label == a[1]) & (long.metric == metric)].set_index("seed")["value"]
-            vb = long[(long.table == b[0]) & (long.label == b[1]) & (long.metric == metric)].set_index("seed")["value"]
-            seeds = sorted(set(va.index) & set(vb.index))
+            seeds, va, vb = _paired_values(long, a, b, metric)
             if not seeds:
                 break
             mean, half = mean_ci([vb[s] - va[s] for s in seeds])

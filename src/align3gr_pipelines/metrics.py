@@ -25,6 +25,23 @@ def _as_list_matrix(rec_items: Sequence[Sequence[object]] | np.ndarray) -> np.nd
     return arr
 
 
+def list_matrix(recs: pd.DataFrame, users: pd.Series, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """[n_users, width] item ids (None = empty) and scores (-inf) of one model's lists (columns user_id, rank,
+    item_id, score), in `users` order; a user without rows keeps an empty list. `width` must cover every kept rank: cutting the list at the largest K first would cut tie groups that
+    straddle K, and the tie rule would then credit an arbitrary tie-break."""
+    items = np.full((len(users), width), None, dtype=object)
+    scores = np.full((len(users), width), -np.inf)
+    row = pd.Series(np.arange(len(users)), index=users.to_numpy())
+    if len(recs) and int(recs["rank"].max()) > width:
+        raise ValueError(f"a recommendation list has rank {int(recs['rank'].max())} > width {width}")
+    where = row.reindex(recs["user_id"].to_numpy()).to_numpy()
+    ok = ~np.isnan(where)
+    rr, cc = where[ok].astype(int), recs["rank"].to_numpy()[ok] - 1
+    items[rr, cc] = recs["item_id"].to_numpy()[ok]
+    scores[rr, cc] = recs["score"].to_numpy()[ok]
+    return items, scores
+
+
 def tie_group_positions(
     rec_items: Sequence[Sequence[object]] | np.ndarray,
     targets: Sequence[object],

@@ -7,7 +7,8 @@ rf_dpo_hard present in `recommendations`, on each evaluated split:
   ordered list) and ``changed_set_share`` (as a set) — a stage that changes nothing is a no-op whatever
   its training curves say;
 - Recall@K split by the held-out target's feedback level (liked / neutral / disliked, from `feedback`),
-  so the effect of RF-DPO on neutral targets is visible;
+  so the effect of RF-DPO on neutral targets is visible; with evaluation's tie rule (`metrics`) over
+  each whole kept list, so the overall figure equals the evaluation table's;
 - the paired difference of Recall@K against the input policy and against SFT over the same users: mean,
   percentile-bootstrap 95% CI and the sign-flip permutation p-value (`metrics`).
 """
@@ -19,21 +20,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines.metrics import bootstrap_ci, paired_permutation_test, recall_at_k
+from align3gr_pipelines.metrics import bootstrap_ci, list_matrix, paired_permutation_test, recall_at_k
 
 CHAIN = ("sft", "sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard")
 LEVELS = ("liked", "neutral", "disliked")
-
-
-def _lists(recs: pd.DataFrame, users: Sequence[str], k: int) -> np.ndarray:
-    """[n_users, k] item ids (None where a list is shorter / missing), in ``users`` order."""
-    out = np.full((len(users), k), None, dtype=object)
-    pos = {u: i for i, u in enumerate(users)}
-    r = recs[recs["rank"] <= k]
-    for u, rank, item in zip(r["user_id"].astype(str), r["rank"].astype(int), r["item_id"].astype(str)):
-        if u in pos:
-            out[pos[u], rank - 1] = item
-    return out
 
 
 def target_levels(eval_cases: pd.DataFrame, feedback: pd.DataFrame) -> pd.Series:
@@ -72,10 +62,17 @@ def stage_report(
     out: dict[str, Any] = {}
     present = [m for m in chain if (recommendations["model"] == m).any()]
     for split, cases in eval_cases.groupby("split", sort=False):
-        users = cases["user_id"].astype(str).tolist()
+        users = cases["user_id"].astype(str).reset_index(drop=True)
         recs = recommendations[recommendations["split"] == split]
-        lists = {m: _lists(recs[recs["model"] == m], users, k) for m in present}
-        hits = {m: recall_at_k(lists[m], cases["target"].astype(str).tolist(), k) for m in present}
+        recs = recs.assign(user_id=recs["user_id"].astype(str), item_id=recs["item_id"].astype(str))
+        lists, hits = {}, {}
+        for m in present:
+            mine = recs[recs["model"] == m]
+            # The whole kept list, as in evaluation's metrics: a tie group straddling K gets its share.
+            width = max(k, int(mine["rank"].max()) if len(mine) else 0)
+            items, scores = list_matrix(mine, users, width)
+            lists[m] = items[:, :k]
+            hits[m] = recall_at_k(items, cases["target"].astype(str).tolist(), k, scores)
         lv = levels.loc[cases.index].to_numpy()
         per_stage: dict[str, Any] = {}
         for j, m in enumerate(present):

@@ -43,3 +43,20 @@ def test_a_level_without_targets_is_nan():
     assert rep["recall@1_liked"] == 1.0 and math.isnan(rep["recall@1_neutral"])
     with pytest.raises(ValueError, match="feedback"):
         stage_report(sft, cases, FEEDBACK.drop(columns="level"), k=1)
+
+
+def test_a_tie_group_straddling_k_gets_its_share_as_in_evaluation():
+    """u1's target 'a' (rank 2) ties with 'x' (rank 3) across K=2: credit 1/2, as evaluation's metrics give.
+    An arbitrary tie-break would give 1, or 0 with the order swapped."""
+    rows = [("sft", "test", "u1", 1, "y", 0.9), ("sft", "test", "u1", 2, "a", 0.5), ("sft", "test", "u1", 3, "x", 0.5),
+            ("sft", "test", "u4", 1, "d", 0.9), ("sft", "test", "u4", 2, "z", 0.1)]
+    recs = pd.DataFrame(rows, columns=["model", "split", "user_id", "rank", "item_id", "score"])
+    cases = CASES[CASES["user_id"].isin(["u1", "u4"])]
+    rep = stage_report(recs, cases, FEEDBACK, k=2)["test"]["sft"]
+    assert rep["recall@2"] == pytest.approx(0.75) and rep["recall@2_liked"] == pytest.approx(0.75)
+
+
+def test_users_without_a_list_score_zero_and_count():
+    sft = _recs("sft", {"u1": ["a"]})
+    rep = stage_report(sft, CASES, FEEDBACK, k=1)["test"]["sft"]
+    assert rep["n_users"] == 4 and rep["recall@1"] == 0.25

@@ -31,7 +31,9 @@ class KeptDataset(MemoryDataset):
         pass
 
 
-OUTPUTS = ["recommendations", "evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json", "evaluation_comparison_plot"]
+BASELINES = ("most_popular", "item_knn", "sasrec")
+OUTPUTS = ["recommendations", "evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json", "evaluation_comparison_plot",
+           "evaluation_stage_report"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +95,12 @@ def check_common(out, tiny_data, models: list[str]):
     hits = tiny_data["test"].apply(lambda r: r["target"] in set(sft.loc[sft["user_id"] == r["user_id"], "item_id"]), axis=1)
     got = metrics.query("model == 'sft' and split == 'test' and metric == 'recall@10'")["value"].item()
     assert got == pytest.approx(hits.mean())
+    # the per-stage report's Recall@10 is the evaluation table's, stage by stage and split by split
+    assert [m for m in out["evaluation_stage_report"]["test"]] == [m for m in models if m not in BASELINES]
+    for split, stages in out["evaluation_stage_report"].items():
+        for model, row in stages.items():
+            table = metrics.query("model == @model and split == @split and metric == 'recall@10'")["value"].item()
+            assert row["recall@10"] == pytest.approx(table), (split, model)
 
 
 def test_pipeline_without_dpo_stages(tiny_data, checkpoints, tmp_path):

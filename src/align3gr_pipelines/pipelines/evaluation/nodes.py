@@ -22,7 +22,9 @@ from matplotlib.figure import Figure
 
 from align3gr_pipelines.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
 from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
-from align3gr_pipelines.metrics import bootstrap_ci, paired_permutation_test, ranking_metrics, tie_group_at_list_end
+from align3gr_pipelines.metrics import (
+    bootstrap_ci, list_matrix, paired_permutation_test, ranking_metrics, tie_group_at_list_end,
+)
 from align3gr_pipelines.prompts import seq_prompt
 from align3gr_pipelines.rec_lm import encode_prompt
 from align3gr_pipelines.sasrec import training_sequences
@@ -287,23 +289,6 @@ def _mlflow_key(*parts: str) -> str:
     return "/".join(re.sub(r"[^\w.\- ]", "_", p) for p in parts)
 
 
-def _list_matrix(recs: pd.DataFrame, users: pd.Series, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """[n_users, width] item ids (None = empty) and scores (-inf) of one model and split, in `users` order.
-    `width` must cover every kept rank: cutting the list at the largest K first would cut tie groups that
-    straddle K, and the tie rule would then credit an arbitrary tie-break."""
-    items = np.full((len(users), width), None, dtype=object)
-    scores = np.full((len(users), width), -np.inf)
-    row = pd.Series(np.arange(len(users)), index=users.to_numpy())
-    if len(recs) and int(recs["rank"].max()) > width:
-        raise ValueError(f"evaluation: a recommendation list has rank {int(recs['rank'].max())} > width {width}")
-    where = row.reindex(recs["user_id"].to_numpy()).to_numpy()
-    ok = ~np.isnan(where)
-    rr, cc = where[ok].astype(int), recs["rank"].to_numpy()[ok] - 1
-    items[rr, cc] = recs["item_id"].to_numpy()[ok]
-    scores[rr, cc] = recs["score"].to_numpy()[ok]
-    return items, scores
-
-
 def compute_metrics(
     recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
@@ -327,7 +312,7 @@ def compute_metrics(
             mine = recs[recs["model"] == model]
             # The tie rule runs over the whole kept list (top_k), not a list cut at max(ks).
             width = max(max(ks), int(mine["rank"].max()) if len(mine) else 0)
-            items, scores = _list_matrix(mine, users, width)
+            items, scores = list_matrix(mine, users, width)
             per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
             truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
         if not per_user:

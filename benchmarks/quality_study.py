@@ -219,7 +219,10 @@ class Study:
         if code != 0:
             tail = log_path.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"{run.name} seed {seed}: stage {stage} failed (exit {code}); log {log_path}:\n{tail}")
-        return {"wall_s": round(wall, 1), "max_rss_mb": round(usage.ru_maxrss / 1024, 1), "command": " ".join(cmd)}
+        # cpu_s (user + system of the stage's process tree) does not depend on how many jobs share the cores:
+        # with one thread a job it is what the stage takes alone on one core, wall_s is inflated by the load.
+        return {"wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+                "max_rss_mb": round(usage.ru_maxrss / 1024, 1), "command": " ".join(cmd)}
 
     def run_job(self, run: Run, seed: int) -> None:
         done = self.result_dir(run, seed) / "metrics.parquet"
@@ -509,7 +512,8 @@ def _timings_table(out: Path) -> list[str]:
                 cells.append("–")
             else:
                 note = " (cached)" if t[s].get("cached") else " (encoders reused)" if t[s].get("encoders_cached") else ""
-                cells.append(f"{t[s]['wall_s']:.0f} s{note}, {t[s]['max_rss_mb']:.0f} MB")
+                cpu = f" (CPU {t[s]['cpu_s']:.0f} s)" if "cpu_s" in t[s] else ""
+                cells.append(f"{t[s]['wall_s']:.0f} s{cpu}{note}, {t[s]['max_rss_mb']:.0f} MB")
         lines.append(f"| {path.parent.parent.name} | {path.parent.name[4:]} | " + " | ".join(cells) + " |")
     return lines
 

@@ -39,3 +39,14 @@ def test_results_json_has_every_run_model_with_mean_ci_and_seeds(tmp_path):
                 and p["metric"] == "recall@10")
     assert pair["per_seed"] == pytest.approx({"42": -0.04, "43": -0.13, "44": -0.19})
     json.dumps(doc)  # serialisable as is
+
+
+def test_timings_table_shows_cpu_time_when_recorded(tmp_path):
+    d = tmp_path / "results" / "full" / "seed42"
+    d.mkdir(parents=True)
+    (d / "timings.json").write_text(json.dumps({
+        "sft_train": {"wall_s": 1246.8, "cpu_s": 700.2, "max_rss_mb": 1274.5},
+        "data_prep": {"wall_s": 35.1, "max_rss_mb": 718.8, "cached": True},  # an older record without cpu_s
+    }))
+    row = quality_study._timings_table(tmp_path)[2]
+    assert "1247 s (CPU 700 s), 1274 MB" in row and "35 s (cached), 719 MB" in row

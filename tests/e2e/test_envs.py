@@ -129,3 +129,13 @@ def test_env_files_only_override_keys_that_exist_in_base(env):
 
     base, overrides = _keys(load(REPO / "conf" / "base")), _keys(load(REPO / "conf" / env))
     assert overrides - base == set(), f"conf/{env} names parameters that conf/base does not have"
+
+
+@pytest.mark.parametrize("env", ["base", "ml_latest_small", "ml_latest_small_gpu", "instruments", "smollm2"])
+def test_dpo_prompts_show_as_many_history_items_as_the_sft_prompts(env):
+    """SP-DPO and RF-DPO train on prompts shaped like SFT's (and evaluation's seq_eval_prompts). The
+    2026-11-30 ml_latest_small study ran SFT at 20 items and both DPO levels at the base's 10."""
+    p = quality_study.load_parameters(env)
+    n = p["sft_data"]["max_history"]
+    assert p["sp_dpo_curriculum"]["prompts"]["max_history"] == n
+    assert p["rf_dpo"]["prompts"]["max_history"] == n

@@ -22,7 +22,10 @@ is reported. The stage's input policy and the checkpoints every ``eval_every`` o
 last one) are scored by valid Recall@K with the constrained decoder on a seeded sample of valid users
 (``valid_recall``); the best one is kept, and the input policy wins ties — a stage never hands on a policy
 that is worse on that sample than the one it got, unless ``allow_worse`` (then the last checkpoint is kept,
-as the paper does). Each evaluation also records the drift of the chosen and rejected log-probabilities
+as the paper does). With ``max_p_value`` a checkpoint replaces the input policy only when it beats it on a
+one-sided sign test over the sampled users (``valid_recall.sign_test_p``): the maximum over several noisy
+evaluations of the same few hundred users is biased upwards, and gains of 2-4 users of 610 chosen that way
+did not hold on test (ml-latest-small study, 2026-11-30). Each evaluation also records the drift of the chosen and rejected log-probabilities
 (policy − reference, mean over a fixed subset of the pairs), the likelihood-displacement signal.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from align3gr_pipelines import valid_recall
 from align3gr_pipelines.constrained_decoding import cache_argument, output_cache
 from align3gr_pipelines.rec_lm import RecLM, encode_prompt, encode_response, pick_device
 from align3gr_pipelines.softmax_dpo import softmax_dpo_loss
@@ -95,6 +99,9 @@ class Selection:
     beam_width: int = 20
     batch_size: int = 64
     allow_worse: bool = False  # true: keep the last checkpoint even when the input policy scored higher
+    # A checkpoint must beat the input policy on the one-sided sign test over the sampled users with p <= this
+    # to replace it; null = any higher valid recall does (the behaviour before 2026-11-30).
+    max_p_value: float | None = None
     drift_examples: int = 64  # pairs on which the chosen / rejected log-prob drift is measured
 
     @classmethod
@@ -108,22 +115,23 @@ class Selection:
         for name in ("eval_every", "k", "beam_width", "batch_size", "drift_examples"):
             if int(getattr(sel, name)) < 1:
                 raise ValueError(f"{where}.{name} must be >= 1, got {getattr(sel, name)}")
+        if sel.max_p_value is not None and not 0.0 < float(sel.max_p_value) <= 1.0:
+            raise ValueError(f"{where}.max_p_value must be in (0, 1] or null, got {sel.max_p_value}")
         return sel
 
 
 def valid_recall_evaluator(
     seq_eval_prompts: pd.DataFrame, item_scids: pd.DataFrame, tokenizer: Any, sel: Selection, seed: int
-) -> Callable[[Any], float]:
-    """model → valid Recall@K on the stage's seeded sample of valid users (the same users for every stage)."""
-    from align3gr_pipelines import valid_recall
-
+) -> Callable[[Any], np.ndarray]:
+    """model → per-user valid hits@K (bool[n]; their mean is valid Recall@K) on the stage's seeded sample of
+    valid users (the same users for every stage)."""
     sample = valid_recall.build_valid_sample(
         valid_recall.sample_valid_prompts(seq_eval_prompts, sel.n_users, seed), item_scids, tokenizer
     )
 
-    def evaluate(model: Any) -> float:
+    def evaluate(model: Any) -> np.ndarray:
         rec = RecLM(model=model, tokenizer=tokenizer, meta={})
-        return valid_recall.recall_at_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
+        return valid_recall.hits_at_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
 
     # Identifies the sample and decoder settings, so a stage can reuse the score its input policy got as
     # the previous stage's selected checkpoint (recorded in meta["valid_recall"]) instead of decoding again.
@@ -301,16 +309,17 @@ def train_dpo(
     cfg: DPOConfig,
     pad_id: int,
     seed: int,
-    evaluate: Callable[[Any], float] | None = None,
+    evaluate: Callable[[Any], Any] | None = None,
     selection: Selection | None = None,
     input_score: float | None = None,
 ) -> DPOResult:
     """Train ``model`` in place on the examples with the Softmax-DPO loss; the reference is ``model`` as given.
 
-    With ``evaluate`` (model → valid recall) and an enabled ``selection``, ``model`` ends holding the
-    weights of the best evaluated checkpoint (step 0 = the input policy; ties keep the earlier one), or the
-    last step's weights when ``selection.allow_worse``. ``input_score``: the input policy's known valid
-    recall (not decoded again)."""
+    With ``evaluate`` (model → per-user valid hits, or the valid recall itself) and an enabled ``selection``,
+    ``model`` ends holding the weights of the best evaluated checkpoint (step 0 = the input policy; ties keep
+    the earlier one; with ``selection.max_p_value`` only checkpoints that beat the input policy on the sign
+    test qualify), or the last step's weights when ``selection.allow_worse``. ``input_score``: the input
+    policy's known valid recall (not decoded again unless the sign test needs its per-user hits)."""
     if not examples:
         raise ValueError("DPO: no preference pairs to train on")
     torch.manual_seed(seed)
@@ -333,9 +342,11 @@ def train_dpo(
     select = evaluate is not None and selection is not None and selection.enabled
     drift_idx = np.random.default_rng([seed, 7]).permutation(len(examples))[: selection.drift_examples if selection else 64]
     drift_ex, drift_ref = [examples[i] for i in drift_idx], [ref[i] for i in drift_idx]
-    for name in ("valid_recall", "chosen_logp_drift", "rejected_logp_drift"):
+    gated = select and selection.max_p_value is not None
+    for name in ("valid_recall", "chosen_logp_drift", "rejected_logp_drift") + (("valid_p_vs_input",) if gated else ()):
         curves[name] = []
     best: dict[str, Any] = {}
+    input_hits: list[np.ndarray] = []
 
     def checkpoint(at: int) -> None:
         c, r = _drift(model, drift_ex, drift_ref, pad_id, cfg.ref_batch_size)
@@ -345,10 +356,24 @@ def train_dpo(
             return
         was = model.training
         model.eval()
-        score = float(input_score) if at == 0 and input_score is not None else float(evaluate(model))
+        if at == 0 and input_score is not None and not gated:
+            score = float(input_score)
+        else:
+            hits = evaluate(model)
+            score = float(np.mean(hits))
+            if gated and np.ndim(hits) != 1:
+                raise ValueError("DPO selection: max_p_value needs an evaluator that returns per-user hits")
         model.train(was)
         curves["valid_recall"].append([at, score])
-        if not best or score > best["score"]:
+        qualifies = True
+        if gated:
+            if at == 0:
+                input_hits.append(np.asarray(hits, dtype=bool))
+            else:
+                p = valid_recall.sign_test_p(hits, input_hits[0])
+                curves["valid_p_vs_input"].append([at, p])
+                qualifies = p <= float(selection.max_p_value)
+        if not best or (qualifies and score > best["score"]):
             best.update(score=score, step=at, state=copy.deepcopy(model.state_dict()))
 
     t_eval = time.perf_counter()
@@ -445,8 +470,10 @@ def train_dpo(
             valid_recall_input=curves["valid_recall"][0][1],
             valid_recall_last=last_recall,
             valid_recall_selected=dict(map(tuple, curves["valid_recall"]))[selected_step],
-            valid_recall_best=best["score"],
+            valid_recall_best=max(v for _, v in curves["valid_recall"]),
         )
+        if gated:
+            scalars["selected_p_vs_input"] = dict(map(tuple, curves["valid_p_vs_input"])).get(selected_step, 1.0)
     return DPOResult(curves=curves, scalars=scalars)
 
 

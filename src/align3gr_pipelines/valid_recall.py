@@ -8,6 +8,7 @@ seeded sample of valid users (the same users every time, so curves are comparabl
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +61,26 @@ def build_valid_sample(rows: pd.DataFrame, item_scids: pd.DataFrame, tokenizer: 
 
 
 @torch.no_grad()
-def recall_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> float:
-    """Share of sampled users whose held-out item is among the model's constrained top-`k`."""
+def hits_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> np.ndarray:
+    """bool[n]: whether each sampled user's held-out item is among the model's constrained top-`k`."""
     if len(sample) == 0:
         raise ValueError("valid recall: the valid sample is empty (no target is in the catalogue)")
     idx, _ = decode_prompts(rec_lm, sample.prompts, sample.catalog, beam_width=max(beam_width, k), top_k=k, batch_size=batch_size)
-    hits = (idx.numpy() == sample.target_index[:, None]).any(axis=1)
-    return float(hits.mean())
+    return (idx.numpy() == sample.target_index[:, None]).any(axis=1)
+
+
+def recall_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> float:
+    """Share of sampled users whose held-out item is among the model's constrained top-`k`."""
+    return float(hits_at_k(rec_lm, sample, k, beam_width, batch_size).mean())
+
+
+def sign_test_p(better: np.ndarray, base: np.ndarray) -> float:
+    """One-sided exact sign (McNemar) test that `better` hits more users than `base` on the same users:
+    P(X >= b) for X ~ Binomial(b + c, 1/2), b / c the users only `better` / only `base` hits. 1.0 when
+    no user differs."""
+    better, base = np.asarray(better, dtype=bool), np.asarray(base, dtype=bool)
+    if better.shape != base.shape:
+        raise ValueError(f"sign test: hit vectors of different shapes {better.shape} and {base.shape}")
+    b, c = int((better & ~base).sum()), int((base & ~better).sum())
+    n = b + c
+    return 1.0 if n == 0 else float(sum(math.comb(n, i) for i in range(b, n + 1)) / 2**n)

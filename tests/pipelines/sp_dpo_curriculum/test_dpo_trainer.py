@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -199,8 +200,9 @@ def test_selection_uses_real_valid_recall(world):
 
     sel = Selection.from_params({"enabled": True, "n_users": 6, "beam_width": 8, "batch_size": 8}, "x")
     evaluate = valid_recall_evaluator(world.seq_eval_prompts, world.item_scids, world.policy.tokenizer, sel, 0)
-    r = evaluate(world.policy.model)
-    assert 0.0 <= r <= 1.0 and r == evaluate(world.policy.model)  # deterministic: the same users
+    hits = evaluate(world.policy.model)
+    assert hits.dtype == bool and len(hits) == 6
+    assert np.array_equal(hits, evaluate(world.policy.model))  # deterministic: the same users
     with pytest.raises(ValueError, match="unknown selection parameter"):
         Selection.from_params({"every": 3}, "params x.selection")
 
@@ -225,3 +227,50 @@ def test_next_stage_reuses_the_selected_score_of_its_input_policy(world):
     evaluate.key = "another-sample"
     train_stage(first, _random_pairs(world), cfg, 1, "sp_dpo_medium", "sp_dpo_model_easy", evaluate=evaluate, selection=sel)
     assert len(calls) == 7 + 4
+
+
+def _hits(*users, n=40):
+    h = np.zeros(n, dtype=bool)
+    h[list(users)] = True
+    return h
+
+
+def test_with_max_p_value_only_a_significant_gain_replaces_the_input_policy(world):
+    """Step 2 has the highest valid recall but differs from the input on 28 users (18 vs 10): not
+    significant; step 1 gains 6 users and loses none (p = 1/64): it is kept."""
+    from align3gr_pipelines.valid_recall import sign_test_p
+
+    base = _hits(*range(10))
+    steps = [base, _hits(*range(10), *range(20, 26)), _hits(*range(10, 28)), base]
+    assert sign_test_p(steps[1], base) == pytest.approx(1 / 64) and sign_test_p(steps[2], base) > 0.05
+    assert steps[2].mean() > steps[1].mean()
+    gated, m = _stage(world, {"enabled": True, "eval_every": 1, "max_p_value": 0.05}, lambda model, c=iter(steps): next(c))
+    s = m["scalars"]
+    assert s["selected_step"] == 1 and s["valid_recall_selected"] == 16 / 40 and s["valid_recall_best"] == 18 / 40
+    assert s["selected_p_vs_input"] == pytest.approx(1 / 64)
+    assert [at for at, _ in m["curves"]["valid_p_vs_input"]] == [1, 2, 3]
+    # without the test the noisier, higher checkpoint wins
+    plain, m2 = _stage(world, {"enabled": True, "eval_every": 1}, lambda model, c=iter(steps): next(c))
+    assert m2["scalars"]["selected_step"] == 2 and "valid_p_vs_input" not in m2["curves"]
+
+
+def test_with_max_p_value_no_significant_gain_keeps_the_input_policy(world):
+    base = _hits(*range(10))
+    steps = [base, _hits(*range(11)), _hits(*range(12)), _hits(*range(9), 30, 31)]  # +1, +2, +2 -1 users
+    model, m = _stage(world, {"enabled": True, "eval_every": 1, "max_p_value": 0.05}, lambda model, c=iter(steps): next(c))
+    assert m["scalars"]["selected_step"] == 0 and weights_fingerprint(model.model) == weights_fingerprint(world.policy.model)
+    with pytest.raises(ValueError, match="max_p_value"):
+        _stage(world, {"enabled": True, "max_p_value": 0.0}, None)
+    with pytest.raises(ValueError, match="per-user hits"):  # a bare score cannot be tested
+        _stage(world, {"enabled": True, "eval_every": 1, "max_p_value": 0.05}, lambda model: 0.5)
+
+
+def test_sign_test_p():
+    from align3gr_pipelines.valid_recall import sign_test_p
+
+    a = _hits(0, 1, n=4)
+    assert sign_test_p(a, a) == 1.0
+    assert sign_test_p(_hits(0, n=4), _hits(1, n=4)) == pytest.approx(3 / 4)  # b = c = 1: P(X >= 1 | n = 2)
+    assert sign_test_p(_hits(0, 1, 2, n=4), _hits(n=4)) == pytest.approx(1 / 8)
+    with pytest.raises(ValueError, match="shapes"):
+        sign_test_p(_hits(n=3), _hits(n=4))

@@ -65,7 +65,7 @@ def test_kedro_run_and_python_api_return_identical_top_k(project):
     sft = load_recommender(project, checkpoint="sft")
     assert sft.recommend(["it1", "it2", "it3"], "u1", 5) != rec.recommend(["it1", "it2", "it3"], "u1", 5)
     info = json.loads((project / "data/08_reporting/inference/run_info.json").read_text())
-    assert info["model"] == "sp_dpo_easy" and info["n_requests"] == 4 and info["prompt"]["max_history"] == 10
+    assert info["model"] == "sp_dpo_easy" and info["n_requests"] == 4 and info["prompt"]["max_history"] == 20  # conf/base sft_data.max_history
 
 
 def test_logged_model_answers_like_the_python_api(project, monkeypatch):

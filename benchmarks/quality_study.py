@@ -576,9 +576,14 @@ def _per_seed_table(long) -> list[str]:
     return lines
 
 
+def _same(x: float, y: float) -> bool:
+    return abs(x - y) <= 1e-12 * max(1.0, abs(x), abs(y))
+
+
 def _compare(a: tuple[float, float], b: tuple[float, float]) -> str:
-    """'higher' / 'lower' / 'equal' of b against a, marked when the seeds' 95% CIs overlap."""
-    if b[0] == a[0]:
+    """'higher' / 'lower' / 'equal' of b against a, marked when the seeds' 95% CIs overlap. Means of the
+    same hits over seeds can differ in the last bit (summation order): those are equal."""
+    if _same(b[0], a[0]):
         return "equal"
     word = "higher" if b[0] > a[0] else "lower"
     if a[1] == a[1] and b[1] == b[1] and abs(b[0] - a[0]) <= a[1] + b[1]:
@@ -621,7 +626,7 @@ def findings(summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
         if ref is None or not others:
             out.append(f"- {table}: fewer than two rows measured, no comparison.")
             continue
-        better = [(label, v) for label, v in others if v[0] >= ref[0]]
+        better = [(label, v) for label, v in others if v[0] >= ref[0] or _same(v[0], ref[0])]
         if better:
             out.append(f"- {table}: the paper's full setting is best; ours is not on recall@10: " + ", ".join(
                 f"'{label}' {v[0]:.4f} >= full {ref[0]:.4f}, {_compare(ref, v)}" for label, v in better) + ".")

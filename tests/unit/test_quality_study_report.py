@@ -3,6 +3,7 @@ per-seed values, on hand-made finished jobs."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -50,3 +51,10 @@ def test_timings_table_shows_cpu_time_when_recorded(tmp_path):
     }))
     row = quality_study._timings_table(tmp_path)[2]
     assert "1247 s (CPU 700 s), 1274 MB" in row and "35 s (cached), 719 MB" in row
+
+
+def test_means_equal_up_to_summation_order_compare_as_equal():
+    a = (sum([0.0803, 0.0689, 0.0541]) / 3, 0.03)
+    b = (math.nextafter(a[0], 1.0), 0.02)  # the same 124 hits, one bit apart
+    assert b[0] != a[0] and quality_study._compare(a, b) == "equal"
+    assert quality_study._compare(a, (a[0] + 0.001, 0.0)).startswith("higher")

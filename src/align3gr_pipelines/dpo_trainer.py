@@ -25,8 +25,8 @@ that is worse on that sample than the one it got, unless ``allow_worse`` (then t
 as the paper does). With ``max_p_value`` a checkpoint replaces the input policy only when it beats it on a
 one-sided sign test over the sampled users (``valid_recall.sign_test_p``): the maximum over several noisy
 evaluations of the same few hundred users is biased upwards, and gains of 2-4 users of 610 chosen that way
-did not hold on test (ml-latest-small study, 2026-11-30). Each evaluation also records the drift of the chosen and rejected log-probabilities
-(policy − reference, mean over a fixed subset of the pairs), the likelihood-displacement signal.
+did not hold on test (ml-latest-small study, 2026-11-30). Each evaluation also records the drift of the
+chosen and rejected log-probabilities (policy − reference, mean over a fixed subset of the pairs), the likelihood-displacement signal.
 """
 from __future__ import annotations
 

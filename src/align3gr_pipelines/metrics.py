@@ -27,7 +27,8 @@ def _as_list_matrix(rec_items: Sequence[Sequence[object]] | np.ndarray) -> np.nd
 
 def list_matrix(recs: pd.DataFrame, users: pd.Series, width: int) -> tuple[np.ndarray, np.ndarray]:
     """[n_users, width] item ids (None = empty) and scores (-inf) of one model's lists (columns user_id, rank,
-    item_id, score), in `users` order; a user without rows keeps an empty list. `width` must cover every kept rank: cutting the list at the largest K first would cut tie groups that
+    item_id, score), in `users` order; a user without rows keeps an empty list. `width` must cover every
+    kept rank: cutting the list at the largest K first would cut tie groups that
     straddle K, and the tie rule would then credit an arbitrary tie-break."""
     items = np.full((len(users), width), None, dtype=object)
     scores = np.full((len(users), width), -np.inf)

@@ -25,16 +25,15 @@ def _as_list_matrix(rec_items: Sequence[Sequence[object]] | np.ndarray) -> np.nd
     return arr
 
 
-def list_matrix(recs: pd.DataFrame, users: pd.Series, width: int) -> tuple[np.ndarray, np.ndarray]:
+def list_matrix(recs: pd.DataFrame, users: pd.Series, min_width: int) -> tuple[np.ndarray, np.ndarray]:
     """[n_users, width] item ids (None = empty) and scores (-inf) of one model's lists (columns user_id, rank,
-    item_id, score), in `users` order; a user without rows keeps an empty list. `width` must cover every
-    kept rank: cutting the list at the largest K first would cut tie groups that
-    straddle K, and the tie rule would then credit an arbitrary tie-break."""
+    item_id, score), in `users` order; a user without rows keeps an empty list. width is the larger of
+    min_width (the largest K) and the longest kept list: cutting the lists at K first would cut tie groups
+    that straddle K, and the tie rule would then credit an arbitrary tie-break."""
+    width = max(int(min_width), int(recs["rank"].max()) if len(recs) else 0)
     items = np.full((len(users), width), None, dtype=object)
     scores = np.full((len(users), width), -np.inf)
     row = pd.Series(np.arange(len(users)), index=users.to_numpy())
-    if len(recs) and int(recs["rank"].max()) > width:
-        raise ValueError(f"a recommendation list has rank {int(recs['rank'].max())} > width {width}")
     where = row.reindex(recs["user_id"].to_numpy()).to_numpy()
     ok = ~np.isnan(where)
     rr, cc = where[ok].astype(int), recs["rank"].to_numpy()[ok] - 1

@@ -69,8 +69,7 @@ def stage_report(
         for m in present:
             mine = recs[recs["model"] == m]
             # The whole kept list, as in evaluation's metrics: a tie group straddling K gets its share.
-            width = max(k, int(mine["rank"].max()) if len(mine) else 0)
-            items, scores = list_matrix(mine, users, width)
+            items, scores = list_matrix(mine, users, k)
             lists[m] = items[:, :k]
             hits[m] = recall_at_k(items, cases["target"].astype(str).tolist(), k, scores)
         lv = levels.loc[cases.index].to_numpy()

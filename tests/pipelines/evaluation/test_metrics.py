@@ -4,10 +4,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from align3gr_pipelines.metrics import (
     bootstrap_ci,
+    list_matrix,
     ndcg_at_k,
     paired_permutation_test,
     ranking_metrics,
@@ -105,3 +107,14 @@ def test_tie_group_at_list_end_by_hand():
     # user 3: the target alone at the last slot is no evidence of a tie; user 4: a miss
     assert tie_group_at_list_end(lists, targets, scores, 2).tolist() == [True, True, False, False, False]
     assert tie_group_at_list_end(lists, targets, scores, 3).tolist() == [True, True, True, False, False]
+
+
+def test_list_matrix_widens_to_the_longest_list_and_keeps_user_order():
+    recs = pd.DataFrame({"user_id": ["u2", "u2", "u2", "u1", "ghost"], "rank": [1, 2, 3, 1, 1],
+                         "item_id": ["a", "b", "c", "d", "x"], "score": [3.0, 2.0, 2.0, 5.0, 9.0]})
+    items, scores = list_matrix(recs, pd.Series(["u1", "u2", "u3"]), min_width=2)
+    # width 3, not 2: the tie between b and c straddles K = 2 and must stay visible to the tie rule
+    assert items.tolist() == [["d", None, None], ["a", "b", "c"], [None, None, None]]
+    assert scores[1].tolist() == [3.0, 2.0, 2.0] and np.isneginf(scores[2]).all()
+    np.testing.assert_allclose(recall_at_k(items, ["z", "c", "z"], 2, scores), [0, 0.5, 0])
+    assert list_matrix(recs.iloc[:0], pd.Series(["u1"]), min_width=4)[0].shape == (1, 4)

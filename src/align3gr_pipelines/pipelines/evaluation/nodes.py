@@ -311,8 +311,7 @@ def compute_metrics(
         for model in order:
             mine = recs[recs["model"] == model]
             # The tie rule runs over the whole kept list (top_k), not a list cut at max(ks).
-            width = max(max(ks), int(mine["rank"].max()) if len(mine) else 0)
-            items, scores = list_matrix(mine, users, width)
+            items, scores = list_matrix(mine, users, max(ks))
             per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
             truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
         if not per_user:

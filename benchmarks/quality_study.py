@@ -16,7 +16,8 @@ a stage cache keyed by: the upstream stage's key, the stage's fully resolved par
 the run's overrides), the seed and a hash of the package source. A later job whose stage has the same key
 restores those files instead of running it, so e.g. every DPO variant reuses the full run's SFT checkpoint
 of the same seed, and every Table 4 row reuses its tokenization. Finished jobs leave their evaluation
-table under <out>/results/<run>/seed<seed>/ and are skipped on the next invocation: the study is
+table (and sft_selection.json: the valid Recall@10 and loss the SFT checkpoint was chosen on)
+under <out>/results/<run>/seed<seed>/ and are skipped on the next invocation: the study is
 resumable at stage granularity (kill it any time, rerun the same command). A finished job is kept
 even if the code changes later (delete <out>/results/<run>/seed<seed> to redo it); a cached stage is
 not reused across code changes unless --reuse-across-code. conf/ is copied once when the study starts;
@@ -226,10 +227,12 @@ class Study:
 
     def run_job(self, run: Run, seed: int) -> None:
         done = self.result_dir(run, seed) / "metrics.parquet"
+        keys = self.stage_keys(run, seed)
         if done.exists():
             print(f"[skip] {run.name} seed {seed}: finished ({done})")
+            if not self.dry_run:
+                self._add_selection(run, seed, keys)
             return
-        keys = self.stage_keys(run, seed)
         if self.dry_run:
             for stage, key in keys.items():
                 cached = (self.out / "cache" / stage / key / "manifest.json").exists()
@@ -270,6 +273,21 @@ class Study:
         self._collect(ws, run, seed, timings)
         if not self.keep_workspaces:
             shutil.rmtree(ws)
+
+    def _add_selection(self, run: Run, seed: int, keys: dict[str, str]) -> None:
+        """A job finished before the study recorded SFT selection gets it from its cached sft_train stage."""
+        dst = self.result_dir(run, seed) / SELECTION_FILE
+        if dst.exists() or "sft_train" not in keys:
+            return
+        found = sorted((self.out / "cache" / "sft_train" / keys["sft_train"] / "files").rglob("08_reporting/sft_train/metrics.json"))
+        if len(found) != 1:
+            print(f"[note]  {run.name} seed {seed}: no cached sft_train metrics under key {keys['sft_train']}; "
+                  "its SFT selection stays unrecorded")
+            return
+        tmp = dst.with_name(dst.name + ".tmp")
+        tmp.write_text(json.dumps(sft_selection(json.loads(found[0].read_text())), indent=1))
+        tmp.replace(dst)
+        print(f"[added] {run.name} seed {seed}: {SELECTION_FILE} from cached sft_train {keys['sft_train']}")
 
     @staticmethod
     def _restore(cache: Path, data: Path) -> dict[str, Any]:
@@ -353,9 +371,53 @@ class Study:
             shutil.copy2(src, tmp / src.name)
         (tmp / "timings.json").write_text(json.dumps(timings, indent=1))
         (tmp / "overrides.json").write_text(json.dumps(self.overrides(run, seed), indent=1, default=str))
+        sft = sorted((ws / "data").rglob("08_reporting/sft_train/metrics.json"))
+        if len(sft) == 1:  # restored from the cache too, so every job has it; the choice is made on valid
+            (tmp / SELECTION_FILE).write_text(json.dumps(sft_selection(json.loads(sft[0].read_text())), indent=1))
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)  # metrics.parquet inside marks the job finished
+
+
+SELECTION_FILE = "sft_selection.json"
+SELECTION_KEYS = ("best_valid_recall@10", "best_eval_loss", "global_step")
+
+
+def sft_selection(sft_metrics: dict[str, Any]) -> dict[str, float]:
+    """What the SFT run chose its checkpoint on (valid Recall@10 of the constrained decoder over the sampled
+    valid users, and the valid loss), from sft_train's metrics.json: the figures rows are *selected* by."""
+    scalars = sft_metrics.get("scalars", {})
+    return {k: float(scalars[k]) for k in SELECTION_KEYS if k in scalars}
+
+
+def gather_selection(out: Path):
+    """One row per (run, seed, key) of every finished job that recorded its SFT selection."""
+    import pandas as pd
+
+    rows = [{"run": p.parent.parent.name, "seed": int(p.parent.name[4:]), "key": k, "value": float(v)}
+            for p in sorted((out / "results").glob(f"*/seed*/{SELECTION_FILE}"))
+            for k, v in json.loads(p.read_text()).items()]
+    return pd.DataFrame(rows, columns=["run", "seed", "key", "value"])
+
+
+def _selection_table(out: Path) -> list[str]:
+    """Validation (what the SFT checkpoint was chosen on) beside test, for each run's SFT row."""
+    sel, long = gather_selection(out), gather_all(out)
+    if not len(sel):
+        return ["No job recorded its SFT selection yet."]
+    lines = ["| run | seeds | best valid recall@10 (selection) | per seed | valid loss | test recall@10 (sft) |",
+             "|---|---|---|---|---|---|"]
+    for run, g in sel.groupby("run", sort=True):
+        rec = g[g["key"] == "best_valid_recall@10"].sort_values("seed")
+        loss = g[g["key"] == "best_eval_loss"]
+        test = long[(long["run"] == run) & (long["model"] == "sft") & (long["split"] == "test")
+                    & (long["metric"] == "recall@10")].sort_values("seed")
+        m, h = mean_ci(rec["value"].tolist())
+        tm, th = mean_ci(test["value"].tolist()) if len(test) else (float("nan"), float("nan"))
+        lines.append(f"| {run} | {','.join(map(str, rec['seed']))} | {m:.4f}" + (f" ± {h:.4f}" if h == h else "")
+                     + " | " + " / ".join(f"{v:.4f}" for v in rec["value"]) + f" | {loss['value'].mean():.3f} | "
+                     + (f"{tm:.4f}" + (f" ± {th:.4f}" if th == th else "") if tm == tm else "–") + " |")
+    return lines
 
 
 def _wait4_timeout(proc: subprocess.Popen, timeout: float):
@@ -468,6 +530,13 @@ def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
                 "n_users": int(gm["n_users"].max()),
             }
         rows[f"{run}/{model}"] = entry
+    for (run, key), g in gather_selection(out).groupby(["run", "key"], sort=True):
+        if f"{run}/sft" in rows:
+            g = g.sort_values("seed")
+            mean, half = mean_ci(g["value"].tolist())
+            rows[f"{run}/sft"].setdefault("valid_selection", {})[key] = {
+                "mean": mean, "ci95": [mean - half, mean + half] if half == half else None,
+                "per_seed": {str(s): float(v) for s, v in zip(g["seed"], g["value"])}}
     long = gather(out)
     paired = []
     for a, b in PAIRS:
@@ -663,6 +732,11 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
            "Rows of one seed share everything seed-dependent they have in common (SASRec, the encoders, cached "
            "stages), so the per-seed difference removes that shared variation; mean ± 95% Student-t half-width "
            "of the per-seed differences.", "", *_paired_table(long), ""]
+    md += ["## SFT checkpoint selection (validation) beside test", "",
+           "Each SFT run keeps its checkpoint with the best Recall@10 of the constrained decoder on the sampled "
+           "valid users (sft_train.model_selection); that figure is what rows are chosen on, so it is a maximum "
+           "over checkpoints (optimistic, alike for every row). Valid loss: the selected run's best loss on the "
+           "valid SEQ examples.", "", *_selection_table(out), ""]
     md += ["## Every seed", "", *_per_seed_table(long), ""]
     md += ["## Reproducing a row", "",
            "Each run is `python benchmarks/quality_study.py --rows <run> --seeds 42,43,44` (add `--jobs 3` to run "

@@ -21,6 +21,11 @@ def _job(out: Path, run: str, seed: int, values: dict[str, float]) -> None:
     pd.DataFrame(rows).to_parquet(d / "metrics.parquet")
 
 
+def _sft_metrics(valid_recall: float, loss: float) -> dict:
+    return {"scalars": {"best_valid_recall@10": valid_recall, "best_eval_loss": loss, "global_step": 100.0,
+                        "tokens_per_s": 5000.0}, "curves": {}}
+
+
 def test_results_json_has_every_run_model_with_mean_ci_and_seeds(tmp_path):
     for seed, (sas, sft, rf) in zip((42, 43, 44), ((0.1, 0.05, 0.06), (0.2, 0.07, 0.07), (0.3, 0.09, 0.11))):
         _job(tmp_path, "full", seed, {"sasrec": sas, "sft": sft, "rf_dpo_hard": rf})
@@ -58,3 +63,40 @@ def test_means_equal_up_to_summation_order_compare_as_equal():
     b = (math.nextafter(a[0], 1.0), 0.02)  # the same 124 hits, one bit apart
     assert b[0] != a[0] and quality_study._compare(a, b) == "equal"
     assert quality_study._compare(a, (a[0] + 0.001, 0.0)).startswith("higher")
+
+
+def test_sft_selection_sits_beside_test_in_the_json_and_the_report(tmp_path):
+    for seed, (valid, test) in zip((42, 43, 44), ((0.07, 0.08), (0.08, 0.06), (0.09, 0.07))):
+        _job(tmp_path, "full", seed, {"sasrec": 0.1, "sft": test})
+        (tmp_path / "results" / "full" / f"seed{seed}" / quality_study.SELECTION_FILE).write_text(
+            json.dumps(quality_study.sft_selection(_sft_metrics(valid, 2.0))))
+    _job(tmp_path, "sft_seq", 42, {"sft": 0.05})  # finished before selection was recorded: no entry, no error
+    doc = quality_study.results_json(tmp_path, "ml_latest_small", "cmd")
+    sel = doc["rows"]["full/sft"]["valid_selection"]
+    assert set(sel) == {"best_valid_recall@10", "best_eval_loss", "global_step"}  # tokens_per_s is not a choice
+    assert sel["best_valid_recall@10"]["mean"] == pytest.approx(0.08)
+    assert sel["best_valid_recall@10"]["per_seed"] == pytest.approx({"42": 0.07, "43": 0.08, "44": 0.09})
+    assert "valid_selection" not in doc["rows"]["sft_seq/sft"] and "valid_selection" not in doc["rows"]["full/sasrec"]
+    table = quality_study._selection_table(tmp_path)
+    assert len(table) == 3 and table[2].startswith("| full | 42,43,44 | 0.0800 ± ")
+    assert "0.0700 / 0.0800 / 0.0900" in table[2] and table[2].endswith("| 0.0700 ± 0.0248 |")
+
+
+def test_a_finished_job_gets_its_selection_from_the_cached_sft_stage(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(env="base", out=str(tmp_path), quick=False, dry_run=False, stage_timeout=None,
+                              keep_workspaces=False, threads=None, shared_data=str(tmp_path), reuse_across_code=True)
+    study = quality_study.Study(args)
+    run = quality_study.RUNS["sft_seq"]
+    key = study.stage_keys(run, 42)["sft_train"]
+    cached = tmp_path / "cache" / "sft_train" / key / "files" / "08_reporting" / "sft_train" / "metrics.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text(json.dumps(_sft_metrics(0.0705, 1.981)))
+    for seed in (42, 43):
+        _job(tmp_path, "sft_seq", seed, {"sft": 0.0787})
+    study.run_job(run, 42)
+    study.run_job(run, 43)  # another seed, another key: nothing cached, nothing invented
+    got = json.loads((tmp_path / "results" / "sft_seq" / "seed42" / quality_study.SELECTION_FILE).read_text())
+    assert got == {"best_valid_recall@10": 0.0705, "best_eval_loss": 1.981, "global_step": 100.0}
+    assert not (tmp_path / "results" / "sft_seq" / "seed43" / quality_study.SELECTION_FILE).exists()

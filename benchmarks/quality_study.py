@@ -407,7 +407,8 @@ def _selection_table(out: Path) -> list[str]:
         return ["No job recorded its SFT selection yet."]
     lines = ["| run | seeds | best valid recall@10 (selection) | per seed | valid loss | test recall@10 (sft) |",
              "|---|---|---|---|---|---|"]
-    for run, g in sel.groupby("run", sort=True):
+    sft_rows = {line.run for line in LINES if line.model == "sft"}  # DPO variants reuse full's SFT: shown once
+    for run, g in sel[sel["run"].isin(sft_rows)].groupby("run", sort=True):
         rec = g[g["key"] == "best_valid_recall@10"].sort_values("seed")
         loss = g[g["key"] == "best_eval_loss"]
         test = long[(long["run"] == run) & (long["model"] == "sft") & (long["split"] == "test")

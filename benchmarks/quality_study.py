@@ -284,9 +284,7 @@ class Study:
             print(f"[note]  {run.name} seed {seed}: no cached sft_train metrics under key {keys['sft_train']}; "
                   "its SFT selection stays unrecorded")
             return
-        tmp = dst.with_name(dst.name + ".tmp")
-        tmp.write_text(json.dumps(sft_selection(json.loads(found[0].read_text())), indent=1))
-        tmp.replace(dst)
+        write_sft_selection(found[0], dst)
         print(f"[added] {run.name} seed {seed}: {SELECTION_FILE} from cached sft_train {keys['sft_train']}")
 
     @staticmethod
@@ -373,7 +371,7 @@ class Study:
         (tmp / "overrides.json").write_text(json.dumps(self.overrides(run, seed), indent=1, default=str))
         sft = sorted((ws / "data").rglob("08_reporting/sft_train/metrics.json"))
         if len(sft) == 1:  # restored from the cache too, so every job has it; the choice is made on valid
-            (tmp / SELECTION_FILE).write_text(json.dumps(sft_selection(json.loads(sft[0].read_text())), indent=1))
+            write_sft_selection(sft[0], tmp / SELECTION_FILE)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)  # metrics.parquet inside marks the job finished
@@ -388,6 +386,13 @@ def sft_selection(sft_metrics: dict[str, Any]) -> dict[str, float]:
     valid users, and the valid loss), from sft_train's metrics.json: the figures rows are *selected* by."""
     scalars = sft_metrics.get("scalars", {})
     return {k: float(scalars[k]) for k in SELECTION_KEYS if k in scalars}
+
+
+def write_sft_selection(sft_metrics_json: Path, dst: Path) -> None:
+    """sft_selection() of an sft_train metrics.json, written atomically to dst."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_text(json.dumps(sft_selection(json.loads(sft_metrics_json.read_text())), indent=1))
+    tmp.replace(dst)
 
 
 def gather_selection(out: Path):
@@ -515,6 +520,13 @@ def gather_all(out: Path):
     return pd.concat(frames, ignore_index=True)
 
 
+def seed_stats(seeds: list[int], values: list[float]) -> dict[str, Any]:
+    """Mean, 95% t-CI across seeds (None for one seed) and the per-seed values: the JSON's shape for a figure."""
+    mean, half = mean_ci(values)
+    return {"mean": mean, "ci95": [mean - half, mean + half] if half == half else None,
+            "per_seed": {str(s): float(v) for s, v in zip(seeds, values)}}
+
+
 def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
     """The machine-readable results: rows["<run>/<model>"][split][metric] = mean, 95% t-CI across seeds and
     the per-seed values, plus the paired per-seed differences the Markdown report shows."""
@@ -524,20 +536,13 @@ def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
         entry: dict[str, Any] = {}
         for (split, metric), gm in g.groupby(["split", "metric"], sort=True):
             gm = gm.sort_values("seed")
-            mean, half = mean_ci(gm["value"].tolist())
-            ci = [mean - half, mean + half] if half == half else None
-            entry.setdefault(split, {})[metric] = {
-                "mean": mean, "ci95": ci, "per_seed": {str(s): float(v) for s, v in zip(gm["seed"], gm["value"])},
-                "n_users": int(gm["n_users"].max()),
-            }
+            entry.setdefault(split, {})[metric] = {**seed_stats(gm["seed"].tolist(), gm["value"].tolist()),
+                                                   "n_users": int(gm["n_users"].max())}
         rows[f"{run}/{model}"] = entry
     for (run, key), g in gather_selection(out).groupby(["run", "key"], sort=True):
         if f"{run}/sft" in rows:
             g = g.sort_values("seed")
-            mean, half = mean_ci(g["value"].tolist())
-            rows[f"{run}/sft"].setdefault("valid_selection", {})[key] = {
-                "mean": mean, "ci95": [mean - half, mean + half] if half == half else None,
-                "per_seed": {str(s): float(v) for s, v in zip(g["seed"], g["value"])}}
+            rows[f"{run}/sft"].setdefault("valid_selection", {})[key] = seed_stats(g["seed"].tolist(), g["value"].tolist())
     long = gather(out)
     paired = []
     for a, b in PAIRS:
@@ -546,10 +551,8 @@ def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
             if not seeds:
                 continue
             diffs = [float(vb[s] - va[s]) for s in seeds]
-            mean, half = mean_ci(diffs)
-            paired.append({"a": " / ".join(a), "b": " / ".join(b), "metric": metric, "split": "test", "mean": mean,
-                           "ci95": [mean - half, mean + half] if half == half else None,
-                           "per_seed": {str(s): d for s, d in zip(seeds, diffs)}})
+            paired.append({"a": " / ".join(a), "b": " / ".join(b), "metric": metric, "split": "test",
+                           **seed_stats(seeds, diffs)})
     return {"dataset": dataset, "seeds": sorted(int(s) for s in allv["seed"].unique()), "command": command,
             "ci": "mean over seeds +- 95% Student-t half-width across seeds (null for one seed)",
             "rows": rows, "paired_differences": paired}

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, constrained_beam_search
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruments-lcrec"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]

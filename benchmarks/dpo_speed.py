@@ -36,11 +36,11 @@ from kedro.framework.hooks.manager import _create_hook_manager  # noqa: E402
 from kedro.io import DataCatalog, MemoryDataset  # noqa: E402
 from kedro.runner import SequentialRunner  # noqa: E402
 
+from align3gr_pipelines.lm.rec_lm import RecLM  # noqa: E402
 from align3gr_pipelines.pipelines.rf_dpo import create_pipeline as rf_pipeline  # noqa: E402
 from align3gr_pipelines.pipelines.sp_dpo_curriculum import create_pipeline as sp_pipeline  # noqa: E402
-from align3gr_pipelines.prompts import SEQ_TEMPLATES, seq_prompt  # noqa: E402
-from align3gr_pipelines.rec_lm import RecLM  # noqa: E402
-from align3gr_pipelines.scid import codes_to_tokens  # noqa: E402
+from align3gr_pipelines.sft.prompts import SEQ_TEMPLATES, seq_prompt  # noqa: E402
+from align3gr_pipelines.tokenizer.scid import codes_to_tokens  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def inputs(seed: int) -> tuple[dict, dict]:
     if (sft_dir / "_CHECKPOINT_COMPLETE.json").exists():
         policy = RecLM.from_pretrained(str(sft_dir))
     else:
-        from align3gr_pipelines.backbone import build_backbone, scid_vocabulary
+        from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
 
         cfg = yaml.safe_load((ROOT / "conf/base/parameters_sft_train.yml").read_text())["sft_train"]["backbone"]
         texts = sft["prompt"].tolist() + sft["response"].tolist()

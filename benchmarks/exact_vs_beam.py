@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from align3gr_pipelines.constrained_decoding import SCIDCatalog, decode_prompts, item_logprobs
-from align3gr_pipelines.rec_lm import RecLM, encode_prompt
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts, item_logprobs
+from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt
 
 
 def main() -> None:

@@ -35,8 +35,8 @@ def main() -> None:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from align3gr_pipelines.rec_lm import pick_device
-    from align3gr_pipelines.sft_trainer import PadCollator, train_causal_lm
+    from align3gr_pipelines.devices import pick_device
+    from align3gr_pipelines.sft.hf_trainer import PadCollator, train_causal_lm
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from align3gr_pipelines.tca4rec import TCA4Rec
+from align3gr_pipelines.sft.tca4rec import TCA4Rec
 
 LEVELS, CODES, N_TEXT = 3, 256, 1280
 EOS, PAD = 2, 0

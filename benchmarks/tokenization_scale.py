@@ -24,9 +24,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from align3gr_pipelines.rq_vae import effective_codebook_size, usage_stats  # noqa: E402
-from align3gr_pipelines.sc_tokenizer import SCTokenizer, U2IData, fit_sc_tokenizer, sample_eval_negatives  # noqa: E402
-from align3gr_pipelines.scid_collisions import collision_stats, resolve_collisions  # noqa: E402
+from align3gr_pipelines.tokenizer.rq_vae import effective_codebook_size, usage_stats  # noqa: E402
+from align3gr_pipelines.tokenizer.sc_tokenizer import SCTokenizer, U2IData, fit_sc_tokenizer, sample_eval_negatives  # noqa: E402
+from align3gr_pipelines.tokenizer.scid_collisions import collision_stats, resolve_collisions  # noqa: E402
 
 
 def synthetic(n_users: int, n_items: int, n_interactions: int, sem_dim: int, cf_dim: int, topics: int, seed: int):

@@ -5,7 +5,7 @@ from pathlib import Path
 from kedro.framework.cli.utils import find_run_command
 from kedro.framework.project import configure_project
 
-from align3gr_pipelines import warning_filters
+from align3gr_pipelines.tracking import warning_filters
 
 
 def main(*args, **kwargs):

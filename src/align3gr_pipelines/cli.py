@@ -17,8 +17,8 @@ from kedro.framework.project import pipelines
 from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
-from align3gr_pipelines.hooks import data_root, dataset_local_path, is_parameter, lineage_store, staleness_checker
-from align3gr_pipelines.lineage import FRESH, MISSING, STALE, UNTRACKED, Staleness
+from align3gr_pipelines.tracking.hooks import data_root, dataset_local_path, is_parameter, lineage_store, staleness_checker
+from align3gr_pipelines.tracking.lineage import FRESH, MISSING, STALE, UNTRACKED, Staleness
 
 AGGREGATE_PIPELINES = ("__default__", "full")
 

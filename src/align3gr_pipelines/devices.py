@@ -1,12 +1,21 @@
-"""Where tokenization's torch models run: ``device: auto`` picks CUDA when present (see ``rec_lm.pick_device``),
-and bf16 autocast is used on a GPU that supports it."""
+"""Where torch models run, shared by every level (the lowest module of the package): ``device: auto`` picks
+CUDA when present, and bf16 autocast is used on a GPU that supports it."""
 from __future__ import annotations
 
 import contextlib
 
 import torch
 
-from align3gr_pipelines.rec_lm import pick_device
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """cuda if present, then mps, else cpu; `preferred` ('cpu', 'cuda', 'auto'/None) overrides."""
+    if preferred and preferred != "auto":
+        return torch.device(preferred)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
 
 
 def resolve_device(setting: str | torch.device | None) -> torch.device:

@@ -9,13 +9,13 @@ os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from align3gr_pipelines import warning_filters  # noqa: E402
+from align3gr_pipelines.tracking import warning_filters  # noqa: E402
 
 # Kedro imports this file before it loads plugin commands and hooks, so these filters are in place for the
 # whole run; only known, harmless third-party warnings are named (see warning_filters.py).
 warning_filters.install()
 
-from align3gr_pipelines.hooks import PROJECT_HOOKS  # noqa: E402
+from align3gr_pipelines.tracking.hooks import PROJECT_HOOKS  # noqa: E402
 
 HOOKS = PROJECT_HOOKS
 

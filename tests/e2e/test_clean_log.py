@@ -7,7 +7,7 @@ inside the call and fails the run; so does a deprecation that a new library rele
 which is how the bounds in pyproject.toml learn about the first incompatible release. Deprecations inside
 third-party code that our code does not reach (e.g. one library's import of another) are left to the log:
 they are not ours to fix, and they differ between the versions pyproject.toml allows. Known, harmless
-third-party warnings are silenced by name in align3gr_pipelines.warning_filters (installed by settings.py).
+third-party warnings are silenced by name in align3gr_pipelines.tracking.warning_filters (installed by settings.py).
 """
 from __future__ import annotations
 

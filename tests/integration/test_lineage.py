@@ -1,4 +1,4 @@
-"""align3gr_pipelines.lineage on its own: fingerprints, the atomic record store, staleness rules."""
+"""align3gr_pipelines.tracking.lineage on its own: fingerprints, the atomic record store, staleness rules."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from align3gr_pipelines.lineage import (
+from align3gr_pipelines.tracking.lineage import (
     FRESH,
     MISSING,
     STALE,

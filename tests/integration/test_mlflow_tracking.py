@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from align3gr_pipelines.lineage import LineageStore, fingerprint_path
+from align3gr_pipelines.tracking.lineage import LineageStore, fingerprint_path
 
 from .conftest import REPO
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from align3gr_pipelines.recommend import PromptSettings, Recommender
-from align3gr_pipelines.recommender_model import log_recommender
+from align3gr_pipelines.serving.recommend import PromptSettings, Recommender
+from align3gr_pipelines.serving.recommender_model import log_recommender
 from tests.pipelines.inference.tiny_project import items_table, save_checkpoints
 from tests.pipelines.sp_dpo_curriculum.tiny_world import make_world
 

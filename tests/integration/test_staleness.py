@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kedro.framework.cli.cli import KedroCLI
 from mlflow.tracking import MlflowClient
 
-from align3gr_pipelines.hooks import StaleInputError
+from align3gr_pipelines.tracking.hooks import StaleInputError
 
 from .conftest import run_project
 
@@ -83,7 +83,7 @@ def test_stale_input_warns_by_default_and_can_fail_the_run(
     assert record_mtimes(project_copy) == before, "a refused node must not overwrite its outputs"
 
     monkeypatch.setenv("ALIGN3GR_ON_STALE", "warn")
-    with caplog.at_level(logging.WARNING, logger="align3gr_pipelines.hooks"):
+    with caplog.at_level(logging.WARNING, logger="align3gr_pipelines.tracking.hooks"):
         run_project(project_copy, pipeline_names=["evaluation"])
     warnings = [r.getMessage() for r in caplog.records if "stale input" in r.getMessage()]
     assert len(warnings) == 1 and "toy_model: input 'item_scids' is stale" in warnings[0]

@@ -6,7 +6,7 @@ import math
 import pandas as pd
 import pytest
 
-from align3gr_pipelines.stage_report import report_markdown, stage_report
+from align3gr_pipelines.preference.stage_report import report_markdown, stage_report
 
 CASES = pd.DataFrame({"split": "test", "user_id": ["u1", "u2", "u3", "u4"], "target": ["a", "b", "c", "d"]})
 FEEDBACK = pd.DataFrame(

@@ -1,4 +1,4 @@
-"""TCA4Rec: the collaborative tokenizer, soft labels and losses (align3gr_pipelines.tca4rec)."""
+"""TCA4Rec: the collaborative tokenizer, soft labels and losses (align3gr_pipelines.sft.tca4rec)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align3gr_pipelines.prompts import seq_prompt
-from align3gr_pipelines.scid import codes_to_tokens, vocabulary
-from align3gr_pipelines.tca4rec import (
+from align3gr_pipelines.sft.prompts import seq_prompt
+from align3gr_pipelines.sft.tca4rec import (
     TCA4Rec,
     align_cf_logits,
     cf_index_map,
@@ -23,6 +22,7 @@ from align3gr_pipelines.tca4rec import (
     uniform_distribution,
     valid_next_codes,
 )
+from align3gr_pipelines.tokenizer.scid import codes_to_tokens, vocabulary
 
 # 4 items, 2 levels, V = 3: item0 (0,0), item1 (0,1), item2 (1,0), item3 (1,2)
 HAND_CODES = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 2]])

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from align3gr_pipelines.constrained_decoding import decode_prompts
-from align3gr_pipelines.valid_recall import build_valid_sample, recall_at_k, sample_valid_prompts
+from align3gr_pipelines.evaluation.valid_recall import build_valid_sample, recall_at_k, sample_valid_prompts
+from align3gr_pipelines.lm.constrained_decoding import decode_prompts
 from tests.pipelines.evaluation.conftest import make_dataset, make_rec_lm
 
 

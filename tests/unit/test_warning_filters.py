@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 
-from align3gr_pipelines import warning_filters
-from align3gr_pipelines.warning_filters import KNOWN_THIRD_PARTY_WARNINGS
+from align3gr_pipelines.tracking import warning_filters
+from align3gr_pipelines.tracking.warning_filters import KNOWN_THIRD_PARTY_WARNINGS
 
 RESOLVER = "register_new_resolver() is deprecated and will be removed in a future release."
 

@@ -40,7 +40,7 @@ class CheckpointDataset(AbstractDataset[Any, Any]):
         sft_model:
           type: align3gr_pipelines.datasets.CheckpointDataset
           path: data/06_models/sft_model
-          load_class: align3gr_pipelines.rec_lm.RecLM
+          load_class: align3gr_pipelines.lm.rec_lm.RecLM
           optional: true      # load() gives None when the checkpoint was never written
     """
 

@@ -9,9 +9,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from align3gr_pipelines.prompts import SEQ_TEMPLATES, seq_prompt
-from align3gr_pipelines.rec_lm import RecLM
-from align3gr_pipelines.scid import codes_to_tokens, vocabulary
+from align3gr_pipelines.lm.rec_lm import RecLM
+from align3gr_pipelines.sft.prompts import SEQ_TEMPLATES, seq_prompt
+from align3gr_pipelines.tokenizer.scid import codes_to_tokens, vocabulary
 
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
 

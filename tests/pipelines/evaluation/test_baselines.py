@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from align3gr_pipelines.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
+from align3gr_pipelines.cf.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
 
 
 def test_most_popular_counts_every_training_interaction():

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from align3gr_pipelines.constrained_decoding import (
+from align3gr_pipelines.lm.constrained_decoding import (
     SCIDCatalog,
     constrained_beam_search,
     decode_prompts,
     generate_scids,
     item_logprobs,
 )
-from align3gr_pipelines.rec_lm import RecLM, encode_prompt
+from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt
 
 from .conftest import make_tokenizer, random_unique_codes, tiny_llama
 

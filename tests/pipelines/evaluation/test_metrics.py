@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from align3gr_pipelines.metrics import (
+from align3gr_pipelines.evaluation.metrics import (
     bootstrap_ci,
     list_matrix,
     ndcg_at_k,

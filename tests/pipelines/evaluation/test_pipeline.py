@@ -9,12 +9,12 @@ from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from matplotlib.figure import Figure
 
-from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
+from align3gr_pipelines.cf.sasrec import SASRec, fit_sasrec, training_sequences
 from align3gr_pipelines.datasets import CheckpointDataset
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, constrained_beam_search
+from align3gr_pipelines.lm.rec_lm import encode_prompt
 from align3gr_pipelines.pipelines.evaluation import create_pipeline
 from align3gr_pipelines.pipelines.evaluation.nodes import LM_STAGES, compute_metrics
-from align3gr_pipelines.rec_lm import encode_prompt
-from align3gr_pipelines.sasrec import SASRec, fit_sasrec, training_sequences
 
 from .conftest import make_rec_lm
 
@@ -43,10 +43,10 @@ def checkpoints(tmp_path_factory, tiny_data):
     tok = tiny_data["tokenizer"]
     for k, (dataset, label) in enumerate(LM_STAGES.items()):
         meta = {"skipped": True} if dataset == "sp_dpo_model_medium" else {}
-        CheckpointDataset(str(root / dataset), "align3gr_pipelines.rec_lm.RecLM").save(make_rec_lm(tok, 10 + k, label, **meta))
+        CheckpointDataset(str(root / dataset), "align3gr_pipelines.lm.rec_lm.RecLM").save(make_rec_lm(tok, 10 + k, label, **meta))
     sasrec = SASRec(tiny_data["items"]["item_id"].tolist(), hidden_dim=16, n_layers=1, max_len=20, dropout=0.0)
     fit_sasrec(sasrec, list(training_sequences(tiny_data["train_sequences"]).values()), epochs=2, batch_size=64, lr=1e-2, seed=0)
-    CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.sasrec.SASRec").save(sasrec)
+    CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.cf.sasrec.SASRec").save(sasrec)
     return root
 
 
@@ -55,8 +55,8 @@ def run(tiny_data, root, present: set[str], tmp_path, params=PARAMS):
                 ["items", "train_sequences", "valid", "test", "item_scids", "user_scids", "seq_eval_prompts"]}
     for dataset in LM_STAGES:
         path = root / dataset if dataset in present else tmp_path / f"never_run_{dataset}"
-        datasets[dataset] = CheckpointDataset(str(path), "align3gr_pipelines.rec_lm.RecLM", load_args={"device": "cpu"}, optional=True)
-    datasets["sasrec_model"] = CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.sasrec.SASRec", optional=True)
+        datasets[dataset] = CheckpointDataset(str(path), "align3gr_pipelines.lm.rec_lm.RecLM", load_args={"device": "cpu"}, optional=True)
+    datasets["sasrec_model"] = CheckpointDataset(str(root / "sasrec"), "align3gr_pipelines.cf.sasrec.SASRec", optional=True)
     # report_preference_stages reads the held-out targets' feedback levels (issue 15)
     held = [tiny_data[s].assign(split=s, level="liked") for s in ("valid", "test")]
     datasets["feedback"] = MemoryDataset(pd.concat(held).rename(columns={"target": "item_id"})[["user_id", "item_id", "split", "level"]])
@@ -109,7 +109,7 @@ def test_pipeline_without_dpo_stages(tiny_data, checkpoints, tmp_path):
     skipped = {s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]}
     assert skipped == {"sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard"}
     # the LM's recommendations are its constrained beam search on the seq_eval_prompts
-    from align3gr_pipelines.rec_lm import RecLM
+    from align3gr_pipelines.lm.rec_lm import RecLM
 
     lm = RecLM.from_pretrained(str(checkpoints / "sft_model"), device="cpu")
     prompts = tiny_data["seq_eval_prompts"].query("split == 'test'").head(3)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from align3gr_pipelines.pipelines.inference import load_recommender
-from align3gr_pipelines.recommend import RequestError
+from align3gr_pipelines.serving.recommend import RequestError
 
 from .tiny_project import REQUESTS, make_project
 

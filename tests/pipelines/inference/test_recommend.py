@@ -9,8 +9,15 @@ import pytest
 
 from align3gr_pipelines.datasets.atomic_parquet import AtomicParquetDataset
 from align3gr_pipelines.pipelines.evaluation.nodes import recommend_with_lm
-from align3gr_pipelines.recommend import COMPLETE_MARKER, PromptSettings, Recommender, Request, RequestError, resolve_checkpoint
-from align3gr_pipelines.sft_tasks import build_seq_eval_prompts
+from align3gr_pipelines.serving.recommend import (
+    COMPLETE_MARKER,
+    PromptSettings,
+    Recommender,
+    Request,
+    RequestError,
+    resolve_checkpoint,
+)
+from align3gr_pipelines.sft.tasks import build_seq_eval_prompts
 from tests.pipelines.sp_dpo_curriculum.tiny_world import make_world
 
 from .tiny_project import items_table

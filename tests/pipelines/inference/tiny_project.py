@@ -30,7 +30,7 @@ def items_table(world: TinyWorld) -> pd.DataFrame:
 
 def save_checkpoints(world: TinyWorld, models_dir: Path, stages: dict[str, int] = STAGES) -> None:
     for name, seed in stages.items():
-        CheckpointDataset(str(models_dir / name), "align3gr_pipelines.rec_lm.RecLM").save(make_rec_lm(world.policy.tokenizer, seed))
+        CheckpointDataset(str(models_dir / name), "align3gr_pipelines.lm.rec_lm.RecLM").save(make_rec_lm(world.policy.tokenizer, seed))
 
 
 def make_project(root: Path, requests: pd.DataFrame = REQUESTS) -> tuple[Path, TinyWorld]:

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from align3gr_pipelines.feedback_pairs import build_feedback_pairs, rating_to_level, training_feedback, user_prompts
+from align3gr_pipelines.preference.feedback_pairs import build_feedback_pairs, rating_to_level, training_feedback, user_prompts
 
 
 def test_rating_to_level_whole_and_half_stars():

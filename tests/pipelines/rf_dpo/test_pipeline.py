@@ -6,8 +6,8 @@ import pytest
 from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
 
-from align3gr_pipelines.dpo_trainer import weights_fingerprint
 from align3gr_pipelines.pipelines.rf_dpo import create_pipeline
+from align3gr_pipelines.preference.dpo_trainer import weights_fingerprint
 
 from ..sp_dpo_curriculum.tiny_world import KeptMemoryDataset, make_world
 
@@ -131,7 +131,7 @@ def test_chosen_and_rejected_come_from_the_prompts_future(world, progressive):
 
 
 def test_each_stage_recommends_with_its_own_input_policy(world, progressive):
-    from align3gr_pipelines.self_play import decode_candidates, item_code_table
+    from align3gr_pipelines.preference.self_play import decode_candidates, item_code_table
 
     ids, _, _ = item_code_table(world.item_scids)
     for stage, policy in (("easy", world.policy), ("hard", progressive.load("rf_dpo_model_easy"))):

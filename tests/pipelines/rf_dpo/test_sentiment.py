@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from align3gr_pipelines.sentiment import (
+from align3gr_pipelines.preference.sentiment import (
     LEVELS,
     AnchorSentimentScorer,
     HFClassifierSentimentScorer,

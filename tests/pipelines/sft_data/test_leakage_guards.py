@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from align3gr_pipelines import sft_tasks
 from align3gr_pipelines.pipelines.sft_data import nodes
 from align3gr_pipelines.pipelines.sft_data.nodes import build_seq_eval_prompts
+from align3gr_pipelines.sft import tasks as sft_tasks
 
 from .test_sft_data import INPUTS, base_params, build, make_tables
 

@@ -10,11 +10,11 @@ import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from align3gr_pipelines import sft_tasks
 from align3gr_pipelines.pipelines.sft_data import create_pipeline
 from align3gr_pipelines.pipelines.sft_data.nodes import build_seq_eval_prompts, build_sft_examples
-from align3gr_pipelines.prompts import NO_USER, TEMPLATES
-from align3gr_pipelines.scid import split_tokens
+from align3gr_pipelines.sft import tasks as sft_tasks
+from align3gr_pipelines.sft.prompts import NO_USER, TEMPLATES
+from align3gr_pipelines.tokenizer.scid import split_tokens
 
 from .toy_data import make_tables
 

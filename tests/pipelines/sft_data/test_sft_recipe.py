@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from align3gr_pipelines import sft_tasks
 from align3gr_pipelines.pipelines.sft_data.nodes import build_seq_eval_prompts, build_sft_examples
-from align3gr_pipelines.scid import split_tokens
+from align3gr_pipelines.sft import tasks as sft_tasks
+from align3gr_pipelines.tokenizer.scid import split_tokens
 
 from .toy_data import make_tables
 

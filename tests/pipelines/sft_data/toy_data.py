@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines.scid import codes_to_tokens
+from align3gr_pipelines.tokenizer.scid import codes_to_tokens
 
 CATEGORIES = ["Guitars", "Drums", "Keyboards", "Microphones", "Cables", "Amplifiers"]
 BRANDS = ["Fender", "Yamaha", "Roland", "Shure", "Boss"]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from align3gr_pipelines import sft_trainer
-from align3gr_pipelines.sft_trainer import fit_sft, last_complete_checkpoint
+from align3gr_pipelines.sft import launcher
+from align3gr_pipelines.sft.hf_trainer import last_complete_checkpoint
+from align3gr_pipelines.sft.trainer import fit_sft
 
 from .conftest import tiny_train_params
 from .test_sft_train import Killed, _kill_at
@@ -52,12 +53,12 @@ def test_the_torchrun_launcher_times_out_and_ends_its_process_group(tmp_path, mo
         started.append(real_popen(*args, **kwargs))
         return started[-1]
 
-    monkeypatch.setattr(sft_trainer.subprocess, "Popen", spy)
+    monkeypatch.setattr(launcher.subprocess, "Popen", spy)
     # torchrun does not even import torch in 0.5 s, so the limit is always hit
     with pytest.raises(RuntimeError, match=r"launch_timeout_s=0.5 s"):
-        sft_trainer._fit_distributed(None, [], [], {"launch_timeout_s": 0.5}, 0, tmp_path, 2)
+        launcher.fit_distributed(None, [], [], {"launch_timeout_s": 0.5}, 0, tmp_path, 2)
     assert len(started) == 1 and started[0].returncode is not None
     with pytest.raises(ProcessLookupError):  # nothing of its process group is left
         os.killpg(started[0].pid, 0)
     with pytest.raises(ValueError, match="launch_timeout_s must be > 0"):
-        sft_trainer._fit_distributed(None, [], [], {"launch_timeout_s": 0}, 0, tmp_path, 2)
+        launcher.fit_distributed(None, [], [], {"launch_timeout_s": 0}, 0, tmp_path, 2)

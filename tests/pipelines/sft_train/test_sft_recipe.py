@@ -9,20 +9,19 @@ import pytest
 import torch
 import yaml
 
-from align3gr_pipelines.backbone import build_backbone, scid_vocabulary
-from align3gr_pipelines.rec_lm import encode_prompt
-from align3gr_pipelines.scid import split_tokens
-from align3gr_pipelines.sft_trainer import (
+from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
+from align3gr_pipelines.lm.rec_lm import encode_prompt
+from align3gr_pipelines.sft.hf_trainer import (
     IGNORE_INDEX,
     ExampleDataset,
     PadCollator,
     encode_examples,
-    fit_sft,
-    history_label_flags,
     train_causal_lm,
     training_arguments,
     valid_recall_callback,
 )
+from align3gr_pipelines.sft.trainer import fit_sft, history_label_flags
+from align3gr_pipelines.tokenizer.scid import split_tokens
 
 from .conftest import tiny_train_params
 

@@ -12,24 +12,18 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset
 
-from align3gr_pipelines.backbone import build_backbone, scid_vocabulary, train_bpe_tokenizer
 from align3gr_pipelines.datasets import CheckpointDataset
+from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary, train_bpe_tokenizer
+from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt, encode_response
 from align3gr_pipelines.pipelines.sft_data import create_pipeline as sft_data_pipeline
 from align3gr_pipelines.pipelines.sft_train import create_pipeline as sft_train_pipeline
-from align3gr_pipelines.rec_lm import RecLM, encode_prompt, encode_response
-from align3gr_pipelines.scid import split_tokens
-from align3gr_pipelines.sft_trainer import (
-    FINGERPRINT_FILE,
-    IGNORE_INDEX,
-    _prepare_output_dir,
-    encode_examples,
-    fit_sft,
-    train_causal_lm,
-)
+from align3gr_pipelines.sft.hf_trainer import IGNORE_INDEX, encode_examples, train_causal_lm
+from align3gr_pipelines.sft.trainer import FINGERPRINT_FILE, _prepare_output_dir, fit_sft
+from align3gr_pipelines.tokenizer.scid import split_tokens
 
 from .conftest import INPUTS, tiny_train_params
 
-LOAD_CLASS = "align3gr_pipelines.rec_lm.RecLM"
+LOAD_CLASS = "align3gr_pipelines.lm.rec_lm.RecLM"
 
 
 def texts_of(examples: pd.DataFrame) -> list[str]:
@@ -272,7 +266,7 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
         "seq_eval_prompts": MemoryDataset(),
         "sft_data_stats": MemoryDataset(),
         "sft_model": CheckpointDataset(path=str(tmp_path / "06_models/sft_model"), load_class=LOAD_CLASS, optional=True),
-        "sasrec_model": CheckpointDataset(path=str(tmp_path / "06_models/sasrec"), load_class="align3gr_pipelines.sasrec.SASRec", optional=True),
+        "sasrec_model": CheckpointDataset(path=str(tmp_path / "06_models/sasrec"), load_class="align3gr_pipelines.cf.sasrec.SASRec", optional=True),
         "sft_train_metrics": JSONDataset(filepath=str(tmp_path / "metrics.json")),
         "sft_training_curve": MatplotlibDataset(filepath=str(tmp_path / "curve.png")),
     })

@@ -9,10 +9,10 @@ import importlib.util
 import pytest
 import torch
 
-from align3gr_pipelines.backbone import build_backbone, scid_vocabulary
 from align3gr_pipelines.datasets import CheckpointDataset
-from align3gr_pipelines.rec_lm import resolve_model_path
-from align3gr_pipelines.sft_trainer import encode_examples, train_causal_lm
+from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
+from align3gr_pipelines.lm.rec_lm import resolve_model_path
+from align3gr_pipelines.sft.hf_trainer import encode_examples, train_causal_lm
 
 from .conftest import tiny_train_params
 from .test_sft_train import LOAD_CLASS, _effective_rows, logits, prompt_batch, texts_of

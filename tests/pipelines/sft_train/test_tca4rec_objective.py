@@ -11,17 +11,17 @@ from kedro.runner import SequentialRunner
 from kedro_datasets.json import JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset
 
+from align3gr_pipelines.cf.sasrec import SASRec, fit_sasrec, training_sequences
 from align3gr_pipelines.datasets import CheckpointDataset
+from align3gr_pipelines.lm.rec_lm import RecLM
 from align3gr_pipelines.pipelines.evaluation.nodes import recommend_with_lm
 from align3gr_pipelines.pipelines.sft_train import create_pipeline as sft_train_pipeline
-from align3gr_pipelines.prompts import seq_prompt
-from align3gr_pipelines.rec_lm import RecLM
-from align3gr_pipelines.sasrec import SASRec, fit_sasrec, training_sequences
-from align3gr_pipelines.sft_trainer import fit_sft
+from align3gr_pipelines.sft.prompts import seq_prompt
+from align3gr_pipelines.sft.trainer import fit_sft
 
 from .conftest import tiny_train_params
 
-LOAD_CLASS = "align3gr_pipelines.rec_lm.RecLM"
+LOAD_CLASS = "align3gr_pipelines.lm.rec_lm.RecLM"
 
 
 @pytest.fixture(scope="module")

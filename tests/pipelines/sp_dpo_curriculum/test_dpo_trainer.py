@@ -7,18 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from align3gr_pipelines.dpo_trainer import (
+from align3gr_pipelines.lm.rec_lm import encode_prompt, encode_response
+from align3gr_pipelines.preference.dpo_stage import pass_through, train_stage
+from align3gr_pipelines.preference.dpo_trainer import (
     DPOConfig,
     PreferenceExample,
     collate,
     examples_from_pairs,
-    pass_through,
     sequence_logps,
-    train_stage,
     weights_fingerprint,
 )
-from align3gr_pipelines.rec_lm import encode_prompt, encode_response
-from align3gr_pipelines.self_play import build_pairs, item_code_table, sample_prompts
+from align3gr_pipelines.preference.self_play import build_pairs, item_code_table, sample_prompts
 
 from .tiny_world import make_world
 
@@ -92,7 +91,7 @@ def test_grad_accumulation_matches_a_big_batch(world):
 
 
 def test_a_policy_saved_with_activation_checkpointing_still_trains(world):
-    from align3gr_pipelines.rec_lm import RecLM
+    from align3gr_pipelines.lm.rec_lm import RecLM
 
     model = __import__("copy").deepcopy(world.policy.model)
     model.activation_checkpointing_enable()
@@ -131,7 +130,7 @@ def test_examples_from_pairs_layout(world):
 def test_lora_trains_only_the_adapter_and_the_reference_is_the_stage_input(world):
     from peft import LoraConfig, get_peft_model
 
-    from align3gr_pipelines.rec_lm import RecLM
+    from align3gr_pipelines.lm.rec_lm import RecLM
 
     base = world.policy
     # As sft_train builds it: LoRA matrices plus PEFT "trainable tokens" for the SCID rows.
@@ -152,7 +151,7 @@ def test_lora_trains_only_the_adapter_and_the_reference_is_the_stage_input(world
 
 
 def _stage(world, selection, evaluate, lr=5e-3):
-    from align3gr_pipelines.dpo_trainer import Selection
+    from align3gr_pipelines.preference.dpo_trainer import Selection
 
     cfg = DPOConfig(beta=0.5, learning_rate=lr, batch_size=4, **QUIET)
     sel = Selection.from_params(selection, "test.selection")
@@ -196,7 +195,7 @@ def test_selection_picks_the_best_checkpoint(world):
 
 
 def test_selection_uses_real_valid_recall(world):
-    from align3gr_pipelines.dpo_trainer import Selection, valid_recall_evaluator
+    from align3gr_pipelines.preference.dpo_trainer import Selection, valid_recall_evaluator
 
     sel = Selection.from_params({"enabled": True, "n_users": 6, "beam_width": 8, "batch_size": 8}, "x")
     evaluate = valid_recall_evaluator(world.seq_eval_prompts, world.item_scids, world.policy.tokenizer, sel, 0)
@@ -208,7 +207,7 @@ def test_selection_uses_real_valid_recall(world):
 
 
 def test_next_stage_reuses_the_selected_score_of_its_input_policy(world):
-    from align3gr_pipelines.dpo_trainer import Selection
+    from align3gr_pipelines.preference.dpo_trainer import Selection
 
     calls = []
 
@@ -238,7 +237,7 @@ def _hits(*users, n=40):
 def test_with_max_p_value_only_a_significant_gain_replaces_the_input_policy(world):
     """Step 2 has the highest valid recall but differs from the input on 28 users (18 vs 10): not
     significant; step 1 gains 6 users and loses none (p = 1/64): it is kept."""
-    from align3gr_pipelines.valid_recall import sign_test_p
+    from align3gr_pipelines.evaluation.valid_recall import sign_test_p
 
     base = _hits(*range(10))
     steps = [base, _hits(*range(10), *range(20, 26)), _hits(*range(10, 28)), base]
@@ -266,7 +265,7 @@ def test_with_max_p_value_no_significant_gain_keeps_the_input_policy(world):
 
 
 def test_sign_test_p():
-    from align3gr_pipelines.valid_recall import sign_test_p
+    from align3gr_pipelines.evaluation.valid_recall import sign_test_p
 
     a = _hits(0, 1, n=4)
     assert sign_test_p(a, a) == 1.0

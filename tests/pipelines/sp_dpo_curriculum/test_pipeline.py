@@ -5,9 +5,9 @@ import pytest
 from kedro.io import DataCatalog
 from kedro.runner import SequentialRunner
 
-from align3gr_pipelines.dpo_trainer import weights_fingerprint
 from align3gr_pipelines.pipelines.sp_dpo_curriculum import create_pipeline
-from align3gr_pipelines.self_play import item_code_table, overlap_range, shared_prefix_length
+from align3gr_pipelines.preference.dpo_trainer import weights_fingerprint
+from align3gr_pipelines.preference.self_play import item_code_table, overlap_range, shared_prefix_length
 
 from .tiny_world import KeptMemoryDataset, make_world
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from align3gr_pipelines.self_play import (
+from align3gr_pipelines.preference.self_play import (
     Quota,
     build_pairs,
     curriculum_quotas,
@@ -181,7 +181,7 @@ def _mining_setup(seed=2, n_prompts=6):
 
 
 def test_filled_share_is_high_for_beam_mining_and_zero_for_exact_scoring():
-    from align3gr_pipelines.self_play import Mining, mine_pairs, stage_buckets
+    from align3gr_pipelines.preference.self_play import Mining, mine_pairs, stage_buckets
 
     world, ids, codes, tokens, prompts, chosen, beam = _mining_setup()
     medium = stage_buckets(curriculum_quotas(1, 3, 3, 3), 1, 3, 3, Mining())
@@ -193,7 +193,7 @@ def test_filled_share_is_high_for_beam_mining_and_zero_for_exact_scoring():
     assert stats["filled_fraction"] == 0.0 and (pairs["filled"] == 0).all()
     assert len(pairs) == len(prompts) and (pairs["rejected"].map(len) == 3).all()
     # every negative is in the bucket, and they are the bucket's best by the policy's exact score
-    from align3gr_pipelines.self_play import bucket_members, score_candidates
+    from align3gr_pipelines.preference.self_play import bucket_members, score_candidates
 
     for r, row in pairs.iterrows():
         assert set(row["overlap"]) == {1}
@@ -205,7 +205,7 @@ def test_filled_share_is_high_for_beam_mining_and_zero_for_exact_scoring():
 
 
 def test_similarity_buckets_follow_the_scid_embeddings():
-    from align3gr_pipelines.self_play import Mining, mine_pairs, scid_embeddings, similarity_ranks, stage_buckets
+    from align3gr_pipelines.preference.self_play import Mining, mine_pairs, scid_embeddings, similarity_ranks, stage_buckets
 
     world, ids, codes, tokens, prompts, chosen, beam = _mining_setup(seed=3)
     mining = Mining(candidates="scored", bucket_by="similarity", similarity_bands=((0.0, 0.5), (0.5, 0.8), (0.8, 1.0)))
@@ -226,7 +226,7 @@ def test_similarity_buckets_follow_the_scid_embeddings():
 
 
 def test_transition_prompts_skip_the_sft_seq_targets():
-    from align3gr_pipelines.self_play import transition_prompts, user_tokens_like_sft
+    from align3gr_pipelines.preference.self_play import transition_prompts, user_tokens_like_sft
 
     world = make_world(n_users=6, seed=5, sft_stride=3)
     ids, _, tokens = item_code_table(world.item_scids)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align3gr_pipelines.softmax_dpo import softmax_dpo_loss
+from align3gr_pipelines.preference.softmax_dpo import softmax_dpo_loss
 
 
 def test_hand_computed_value():

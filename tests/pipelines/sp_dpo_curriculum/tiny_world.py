@@ -12,9 +12,10 @@ from kedro.io import MemoryDataset
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from align3gr_pipelines.prompts import SEQ_TEMPLATES, seq_prompt
-from align3gr_pipelines.rec_lm import RecLM
-from align3gr_pipelines.scid import codes_to_tokens, vocabulary
+from align3gr_pipelines.lm.rec_lm import RecLM
+from align3gr_pipelines.sft.prompts import SEQ_TEMPLATES, seq_prompt
+from align3gr_pipelines.tokenizer.scid import codes_to_tokens, vocabulary
+
 
 class KeptMemoryDataset(MemoryDataset):
     """A MemoryDataset the runner cannot release, so a test can read every intermediate output."""

@@ -13,12 +13,12 @@ from kedro_datasets.json import JSONDataset
 from kedro_datasets.matplotlib import MatplotlibDataset
 from kedro_datasets.pandas import ParquetDataset
 
+from align3gr_pipelines.cf.sasrec import SASRec
 from align3gr_pipelines.datasets import CheckpointDataset
 from align3gr_pipelines.pipelines.tokenization import create_pipeline
 from align3gr_pipelines.pipelines.tokenization.nodes import train_sc_tokenizer
-from align3gr_pipelines.sasrec import SASRec
-from align3gr_pipelines.sc_tokenizer import SCTokenizer
-from align3gr_pipelines.scid import codes_to_tokens
+from align3gr_pipelines.tokenizer.sc_tokenizer import SCTokenizer
+from align3gr_pipelines.tokenizer.scid import codes_to_tokens
 
 from .conftest import SEED, tiny_params
 
@@ -35,8 +35,8 @@ def build_catalog(tmp_path, dataset, params) -> DataCatalog:
     datasets["params:seed"] = MemoryDataset(SEED)
     datasets.update({n: ParquetDataset(filepath=str(tmp_path / f"{n}.parquet")) for n in PARQUET})
     datasets.update({n: JSONDataset(filepath=str(tmp_path / f"{n}.json")) for n in JSONS})
-    datasets["sasrec_model"] = CheckpointDataset(str(tmp_path / "sasrec"), "align3gr_pipelines.sasrec.SASRec", optional=True)
-    datasets["sc_tokenizer"] = CheckpointDataset(str(tmp_path / "sc_tokenizer"), "align3gr_pipelines.sc_tokenizer.SCTokenizer")
+    datasets["sasrec_model"] = CheckpointDataset(str(tmp_path / "sasrec"), "align3gr_pipelines.cf.sasrec.SASRec", optional=True)
+    datasets["sc_tokenizer"] = CheckpointDataset(str(tmp_path / "sc_tokenizer"), "align3gr_pipelines.tokenizer.sc_tokenizer.SCTokenizer")
     datasets["codebook_usage_plot"] = MatplotlibDataset(filepath=str(tmp_path / "codebook_usage.png"))
     return DataCatalog(datasets=datasets)
 
@@ -135,7 +135,7 @@ def test_quality_metrics_and_plot(pipeline_run, dataset):
 def test_bad_input_names_the_dataset_and_column(dataset):
     broken = dataset["train_sequences"].drop(columns="position")
     with pytest.raises(ValueError, match="train_sequences.*position"):
-        from align3gr_pipelines.sasrec import training_sequences
+        from align3gr_pipelines.cf.sasrec import training_sequences
 
         training_sequences(broken)
     emb = pd.DataFrame({"id": ["i000"], "embedding": [np.zeros(3, np.float32)]})

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from align3gr_pipelines.rq_vae import RQVAE, ResidualQuantizer, effective_codebook_size, kmeans, usage_stats
+from align3gr_pipelines.tokenizer.rq_vae import RQVAE, ResidualQuantizer, effective_codebook_size, kmeans, usage_stats
 
 
 def clustered(n: int = 400, d: int = 8, k: int = 6, seed: int = 0) -> torch.Tensor:

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import torch
 
-from align3gr_pipelines.sasrec import SASRec, fit_sasrec, recall_ndcg, training_sequences
+from align3gr_pipelines.cf.sasrec import SASRec, fit_sasrec, recall_ndcg, training_sequences
 
 
 def test_training_sequences_rebuild_truncated_histories():

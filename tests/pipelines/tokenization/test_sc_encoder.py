@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from align3gr_pipelines.sc_encoder import SCEncoder, sampled_auc, sc_features, u2i_loss
+from align3gr_pipelines.tokenizer.sc_encoder import SCEncoder, sampled_auc, sc_features, u2i_loss
 
 
 def test_u2i_loss_hand_computed():

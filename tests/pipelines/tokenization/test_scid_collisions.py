@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from align3gr_pipelines.scid_collisions import colliding_mask, collision_stats, resolve_collisions
+from align3gr_pipelines.tokenizer.scid_collisions import colliding_mask, collision_stats, resolve_collisions
 
 
 def setup(n: int = 40, levels: int = 3, k: int = 4, d: int = 3, seed: int = 0):

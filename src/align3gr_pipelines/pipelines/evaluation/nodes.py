@@ -18,21 +18,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.figure import Figure
 
-from align3gr_pipelines.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
-from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
-from align3gr_pipelines.metrics import (
-    bootstrap_ci, list_matrix, paired_permutation_test, ranking_metrics, tie_group_at_list_end,
-)
-from align3gr_pipelines.prompts import seq_prompt
-from align3gr_pipelines.rec_lm import encode_prompt
-from align3gr_pipelines.sasrec import training_sequences
+from align3gr_pipelines.cf.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
+from align3gr_pipelines.cf.sasrec import training_sequences
+from align3gr_pipelines.evaluation.report import metric_table, metrics_markdown, plot_comparison  # noqa: F401 (a node)
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, constrained_beam_search
+from align3gr_pipelines.lm.rec_lm import encode_prompt
+from align3gr_pipelines.sft.prompts import seq_prompt
 
 log = logging.getLogger(__name__)
 
 REC_COLUMNS = ["model", "split", "user_id", "rank", "item_id", "score"]
-METRIC_COLUMNS = ["model", "split", "metric", "value", "ci_low", "ci_high", "p_value_vs_sasrec", "n_users"]
 REFERENCE = "sasrec"
 # LM checkpoints in DAG order, and the row each becomes in the table.
 LM_STAGES: dict[str, str] = {
@@ -282,7 +278,7 @@ def combine_recommendations(*parts: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     return table[REC_COLUMNS], {"models": [i for i in infos if not i.get("skipped")], "skipped": [i for i in infos if i.get("skipped")]}
 
 
-# ---- metrics and report ----
+# ---- metrics and report (computed in align3gr_pipelines.evaluation.report) ----
 
 
 def _mlflow_key(*parts: str) -> str:
@@ -292,9 +288,8 @@ def _mlflow_key(*parts: str) -> str:
 def compute_metrics(
     recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
-    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0; the tie
-    rule of `metrics` applied over each whole kept list), with percentile-bootstrap CIs (the same resamples for every model) and a paired sign-flip permutation test
-    against SASRec on the same users."""
+    """Recall/NDCG@K per model and split over every evaluated user, with bootstrap CIs and a paired test
+    against SASRec (`evaluation.report.metric_table`); the Markdown table and the run's metrics JSON."""
     ks = [int(k) for k in params["ks"]]
     if not ks or min(ks) < 1 or max(ks) > int(params["top_k"]):
         raise ValueError(f"evaluation.ks must be non-empty, each in [1, top_k={params['top_k']}], got {ks}")
@@ -302,39 +297,10 @@ def compute_metrics(
     n_boot, conf = int(boot.get("n_resamples", 1000)), float(boot.get("confidence", 0.95))
     n_perm = int(perm.get("n_permutations", 10000))
     order = [i["model"] for i in run_info["models"]]
-    rows: list[dict[str, Any]] = []
-    truncated: dict[tuple[str, str], np.ndarray] = {}
-    for split, cases in eval_cases.groupby("split", sort=False):
-        users = cases["user_id"].reset_index(drop=True)
-        recs = recommendations[recommendations["split"] == split]
-        per_user: dict[str, dict[str, np.ndarray]] = {}
-        for model in order:
-            mine = recs[recs["model"] == model]
-            # The tie rule runs over the whole kept list (top_k), not a list cut at max(ks).
-            items, scores = list_matrix(mine, users, max(ks))
-            per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
-            truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
-        if not per_user:
-            continue
-        names = list(next(iter(per_user.values())))
-        series = [(m, name) for m in per_user for name in names]
-        values = np.stack([per_user[m][name] for m, name in series], axis=1)
-        low, high = bootstrap_ci(values, n_boot, conf, seed)
-        pvals = np.full(len(series), np.nan)
-        if REFERENCE in per_user:
-            ref = np.stack([per_user[REFERENCE][name] for _, name in series], axis=1)
-            others = np.array([m != REFERENCE for m, _ in series])
-            if others.any():
-                pvals[others] = paired_permutation_test(values[:, others], ref[:, others], n_perm, seed)
-        for j, (model, name) in enumerate(series):
-            rows.append({"model": model, "split": split, "metric": name, "value": float(values[:, j].mean()),
-                         "ci_low": float(low[j]), "ci_high": float(high[j]), "p_value_vs_sasrec": float(pvals[j]),
-                         "n_users": int(len(users))})
-    table = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype({"n_users": "int64"})
+    table, at_end = metric_table(recommendations, eval_cases, order, ks, n_boot, conf, n_perm, seed, REFERENCE)
     if REFERENCE not in order:
         log.info("evaluation: no SASRec row, so no paired test (p_value_vs_sasrec is NaN)")
     scalars = {_mlflow_key(r.split, r.model, r.metric.replace("@", "_at_")): r.value for r in table.itertuples()}
-    at_end = {f"{s}/{m}": int(v.sum()) for (s, m), v in truncated.items() if v.any()}
     if at_end:
         log.warning("evaluation: users whose target ties with the last kept item (the group may run past top_k; "
                     "credit counts its listed part): %s", at_end)
@@ -347,69 +313,12 @@ def compute_metrics(
     return table, metrics_markdown(table, info), {"scalars": scalars, "curves": {}, "info": info}
 
 
-def metrics_markdown(table: pd.DataFrame, info: dict[str, Any]) -> str:
-    conf = int(round(100 * info["bootstrap"]["confidence"]))
-    lines = ["# Evaluation", "",
-             f"Leave-one-out, full catalogue, constrained beam search width {info['beam_width']} for the LMs; "
-             f"mean with {conf}% bootstrap CI ({info['bootstrap']['n_resamples']} resamples of users); p: paired "
-             f"sign-flip permutation test vs SASRec ({info['paired_test']['n_permutations']} permutations).", ""]
-    for split, part in table.groupby("split", sort=False):
-        metrics = list(dict.fromkeys(part["metric"]))
-        lines += [f"## {split} ({int(part['n_users'].iloc[0])} users)", "",
-                  "| model | " + " | ".join(metrics) + " | " + " | ".join(f"p {m}" for m in metrics) + " |",
-                  "|---" * (1 + 2 * len(metrics)) + "|"]
-        for model, m in part.groupby("model", sort=False):
-            cells = {r.metric: f"{r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]" for r in m.itertuples()}
-            ps = {r.metric: ("–" if np.isnan(r.p_value_vs_sasrec) else f"{r.p_value_vs_sasrec:.3g}") for r in m.itertuples()}
-            lines.append(f"| {model} | " + " | ".join(cells[x] for x in metrics) + " | " + " | ".join(ps[x] for x in metrics) + " |")
-        lines.append("")
-    timing = [m for m in info["models"] if "ms_per_user" in m]
-    if timing:
-        lines += ["## Time per user", "", "| model | ms / user |", "|---|---|"]
-        lines += [f"| {m['model']} | {m['ms_per_user']:.1f} |" for m in timing] + [""]
-    if info.get("ties_at_list_end"):
-        lines += ["## Ties cut by the kept list", "",
-                  f"Users whose target's tie group starts in the top {max(info['ks'])} and reaches the last of the "
-                  f"{info['top_k']} kept items; the group may go on past the list, and their credit counts its "
-                  "listed part only (it may be too high):", ""]
-        lines += [f"- {k}: {n}" for k, n in info["ties_at_list_end"].items()] + [""]
-    if info["skipped"]:
-        lines += ["## Skipped", ""] + [f"- {s['model']}: {s['skipped']}" for s in info["skipped"]] + [""]
-    return "\n".join(lines)
-
-
-def plot_comparison(evaluation_metrics: pd.DataFrame) -> Figure:
-    """Grouped bars per metric, one bar per model, with bootstrap CIs; one panel per split. A bare Figure
-    (no pyplot): nothing global is touched and nothing stays open."""
-    splits = list(dict.fromkeys(evaluation_metrics["split"])) or ["test"]
-    fig = Figure(figsize=(6.5 * len(splits), 4.2))
-    axes = fig.subplots(1, len(splits), squeeze=False)
-    for ax, split in zip(axes[0], splits):
-        part = evaluation_metrics[evaluation_metrics["split"] == split]
-        models = list(dict.fromkeys(part["model"]))
-        metrics = list(dict.fromkeys(part["metric"]))
-        width = 0.8 / max(len(models), 1)
-        for j, model in enumerate(models):
-            m = part[part["model"] == model].set_index("metric").reindex(metrics)
-            x = np.arange(len(metrics)) + (j - (len(models) - 1) / 2) * width
-            err = np.vstack([m["value"] - m["ci_low"], m["ci_high"] - m["value"]]).clip(min=0)
-            ax.bar(x, m["value"], width, yerr=err, capsize=2, label=model)
-        ax.set_xticks(np.arange(len(metrics)), metrics)
-        n = int(part["n_users"].iloc[0]) if len(part) else 0
-        ax.set_title(f"{split} ({n} users)")
-        ax.set_ylabel("mean over users, bootstrap CI")
-        ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    return fig
-
-
 def report_preference_stages(
     recommendations: pd.DataFrame, eval_cases: pd.DataFrame, feedback: pd.DataFrame, params: dict[str, Any], seed: int
 ) -> tuple[dict[str, Any], str]:
     """Per LM stage: share of top-K lists changed vs its input policy, Recall@K by the target's feedback
-    level, paired Δ vs its input and vs SFT (align3gr_pipelines.stage_report)."""
-    from align3gr_pipelines import stage_report
+    level, paired Δ vs its input and vs SFT (align3gr_pipelines.preference.stage_report)."""
+    from align3gr_pipelines.preference import stage_report
 
     k = int(params.get("stage_report_k", 10))
     boot, perm = params.get("bootstrap", {}) or {}, params.get("paired_test", {}) or {}

@@ -1,5 +1,5 @@
-"""Nodes of the `inference` pipeline: thin orchestration over `align3gr_pipelines.recommend` (requests ->
-lists) and `align3gr_pipelines.recommender_model` (the MLflow pyfunc)."""
+"""Nodes of the `inference` pipeline: thin orchestration over `align3gr_pipelines.serving.recommend` (requests ->
+lists) and `align3gr_pipelines.serving.recommender_model` (the MLflow pyfunc)."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +8,8 @@ from typing import Any
 
 import pandas as pd
 
-from align3gr_pipelines.recommend import Recommender, build_recommender
-from align3gr_pipelines.recommender_model import log_recommender
+from align3gr_pipelines.serving.recommend import Recommender, build_recommender
+from align3gr_pipelines.serving.recommender_model import log_recommender
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from kedro.framework.project import settings
 from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog
 
-from align3gr_pipelines.recommend import Recommender, build_recommender
+from align3gr_pipelines.serving.recommend import Recommender, build_recommender
 
 
 @contextmanager

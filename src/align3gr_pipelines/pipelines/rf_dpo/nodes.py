@@ -12,20 +12,18 @@ from typing import Any
 
 import pandas as pd
 
-from align3gr_pipelines import feedback_pairs as fp
-from align3gr_pipelines import sentiment
-from align3gr_pipelines.dpo_trainer import (
-    DPOConfig,
-    Selection,
-    valid_recall_evaluator,
+from align3gr_pipelines.lm.rec_lm import RecLM
+from align3gr_pipelines.preference import feedback_pairs as fp
+from align3gr_pipelines.preference import sentiment
+from align3gr_pipelines.preference.dpo_stage import (
     pass_through,
     plot_dpo_metrics,
     require_policy,
     stage_metrics_json,
     train_stage,
 )
-from align3gr_pipelines.rec_lm import RecLM
-from align3gr_pipelines.self_play import decode_candidates, item_code_table, user_tokens_like_sft
+from align3gr_pipelines.preference.dpo_trainer import DPOConfig, Selection, valid_recall_evaluator
+from align3gr_pipelines.preference.self_play import decode_candidates, item_code_table, user_tokens_like_sft
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Nodes of the `sft_data` stage: thin orchestration over `align3gr_pipelines.sft_tasks`."""
+"""Nodes of the `sft_data` stage: thin orchestration over `align3gr_pipelines.sft.tasks`."""
 from __future__ import annotations
 
 import logging
@@ -6,7 +6,7 @@ from typing import Any
 
 import pandas as pd
 
-from align3gr_pipelines import sft_tasks
+from align3gr_pipelines.sft import tasks as sft_tasks
 
 log = logging.getLogger(__name__)
 

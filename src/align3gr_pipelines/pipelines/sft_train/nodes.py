@@ -1,4 +1,4 @@
-"""Nodes of the `sft_train` stage: thin orchestration over `align3gr_pipelines.sft_trainer`."""
+"""Nodes of the `sft_train` stage: thin orchestration over `align3gr_pipelines.sft.trainer`."""
 from __future__ import annotations
 
 from typing import Any
@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from align3gr_pipelines.rec_lm import RecLM  # noqa: E402
-from align3gr_pipelines.sft_trainer import fit_sft  # noqa: E402
+from align3gr_pipelines.lm.rec_lm import RecLM  # noqa: E402
+from align3gr_pipelines.sft.trainer import fit_sft  # noqa: E402
 
 
 def train_sft_model(

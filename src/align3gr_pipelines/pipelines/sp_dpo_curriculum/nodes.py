@@ -21,18 +21,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines import self_play
-from align3gr_pipelines.dpo_trainer import (
-    DPOConfig,
-    Selection,
-    valid_recall_evaluator,
+from align3gr_pipelines.lm.rec_lm import RecLM
+from align3gr_pipelines.preference import self_play
+from align3gr_pipelines.preference.dpo_stage import (
     pass_through,
     plot_dpo_metrics,
     require_policy,
     stage_metrics_json,
     train_stage,
 )
-from align3gr_pipelines.rec_lm import RecLM
+from align3gr_pipelines.preference.dpo_trainer import DPOConfig, Selection, valid_recall_evaluator
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,14 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from align3gr_pipelines.cf.sasrec import SASRec, cf_item_table, fit_sasrec, recall_ndcg, training_sequences  # noqa: E402
 from align3gr_pipelines.devices import resolve_device  # noqa: E402
-from align3gr_pipelines.rq_vae import effective_codebook_size, usage_stats  # noqa: E402
-from align3gr_pipelines.sasrec import SASRec, cf_item_table, fit_sasrec, recall_ndcg, training_sequences  # noqa: E402
-from align3gr_pipelines.sc_tokenizer import SCTokenizer, U2IData, fit_sc_tokenizer, sample_eval_negatives  # noqa: E402
-from align3gr_pipelines.scid import codes_to_tokens  # noqa: E402
-from align3gr_pipelines.scid_collisions import collision_stats, resolve_collisions  # noqa: E402
-from align3gr_pipelines.semantic_encoder import clean_texts, encode_texts, load_encoder, resolve_model_path  # noqa: E402
+from align3gr_pipelines.tokenizer.quality_report import quality_table, usage_figure  # noqa: E402
+from align3gr_pipelines.tokenizer.rq_vae import effective_codebook_size, usage_stats  # noqa: E402
+from align3gr_pipelines.tokenizer.sc_tokenizer import SCTokenizer, U2IData, fit_sc_tokenizer, sample_eval_negatives  # noqa: E402
+from align3gr_pipelines.tokenizer.scid import codes_to_tokens  # noqa: E402
+from align3gr_pipelines.tokenizer.scid_collisions import collision_stats, resolve_collisions  # noqa: E402
+from align3gr_pipelines.tokenizer.semantic_encoder import clean_texts, encode_texts, load_encoder, resolve_model_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -322,36 +323,9 @@ def report_quality(
     scid_report: dict[str, Any], sasrec_log: dict[str, Any], sc_log: dict[str, Any], params: dict[str, Any]
 ) -> tuple[pd.DataFrame, dict[str, Any], plt.Figure]:
     """Quality table (long: side, level, metric, value), metrics JSON and the codebook-usage figure."""
-    rows: list[dict[str, Any]] = []
-    scalars: dict[str, float] = {**sasrec_log["scalars"], **sc_log["scalars"]}
-    for side, entry in scid_report.items():
-        for u in entry["usage"]:
-            for metric in ("utilisation", "perplexity"):
-                rows.append({"side": side, "level": u["level"], "metric": metric, "value": u[metric]})
-                scalars[f"{side}_l{u['level']}_{metric}"] = u[metric]
-        overall = {
-            "codebook_size": entry["codebook_size"],
-            "reconstruction_loss": entry["reconstruction_loss"],
-            "colliding_before": entry["before"]["colliding"],
-            "collision_rate_before": entry["before"]["collision_rate"],
-            "colliding_after": entry["after"]["colliding"],
-            "collision_rate_after": entry["after"]["collision_rate"],
-            "unique_scids": entry["after"]["unique_scids"],
-        }
-        if "resolution" in entry:
-            overall["items_touched_by_resolution"] = entry["resolution"]["items_touched"]
-            overall["scid_levels"] = entry["resolution"]["levels"]
-        for metric, value in overall.items():
-            rows.append({"side": side, "level": None, "metric": metric, "value": float(value)})
-            scalars[f"{side}_{metric}"] = float(value)
-    for name in ("auc_before_training", "phase1_auc", "phase2_auc"):
-        if name in sc_log["scalars"]:
-            rows.append({"side": "u2i", "level": None, "metric": name, "value": float(sc_log["scalars"][name])})
-    quality = pd.DataFrame(rows, columns=["side", "level", "metric", "value"])
-    quality["level"] = quality["level"].astype("Int64")
-
+    quality, scalars = quality_table(scid_report, sc_log)
     metrics = {
-        "scalars": {k: float(v) for k, v in scalars.items()},
+        "scalars": {k: float(v) for k, v in {**sasrec_log["scalars"], **sc_log["scalars"], **scalars}.items()},
         "curves": {**sasrec_log["curves"], **sc_log["curves"]},
         "info": {
             **sc_log.get("info", {}),
@@ -360,21 +334,4 @@ def report_quality(
             "semantic_model_path": resolve_model_path(str(_param(params, "semantic_encoder.model"))),
         },
     }
-    return quality, metrics, _usage_figure(scid_report)
-
-
-def _usage_figure(scid_report: dict[str, Any]) -> plt.Figure:
-    sides = list(scid_report)
-    levels = max(len(e["usage"]) for e in scid_report.values())
-    fig, axes = plt.subplots(len(sides), levels, figsize=(4 * levels, 2.8 * len(sides)), squeeze=False)
-    for r, side in enumerate(sides):
-        for u in scid_report[side]["usage"]:
-            ax = axes[r][u["level"]]
-            counts = np.asarray(u["counts"])
-            ax.bar(np.arange(len(counts)), counts, width=1.0, color="tab:blue" if side == "item" else "tab:orange")
-            ax.set_title(f"{side} level {u['level']}: used {u['utilisation']:.0%}, ppl {u['perplexity']:.1f}/{len(counts)}", fontsize=9)
-            ax.set_xlabel("code")
-            ax.set_ylabel(f"{side}s")
-    fig.suptitle("Codebook usage (before collision resolution)")
-    fig.tight_layout()
-    return fig
+    return quality, metrics, usage_figure(scid_report)

@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from align3gr_pipelines.rec_lm import RecLM, encode_prompt
+from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt
 
 
 def shared_prefix_length(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -202,7 +202,7 @@ def score_candidates(
 ) -> np.ndarray:
     """Candidates (indices into ``item_ids``, -1 = none) re-ordered per prompt by the policy's exact sequence
     log-probability, best first (-1 last)."""
-    from align3gr_pipelines.constrained_decoding import SCIDCatalog, item_logprobs
+    from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, item_logprobs
 
     tok = policy.tokenizer
     catalog = SCIDCatalog.from_scids(item_scids, tok)
@@ -247,7 +247,7 @@ def decode_candidates(
 ) -> np.ndarray:
     """The policy's top-k catalogue items per prompt (constrained beam search), as indices into ``item_ids``
     (-1 where fewer exist)."""
-    from align3gr_pipelines.constrained_decoding import SCIDCatalog, constrained_beam_search
+    from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, constrained_beam_search
 
     tok = policy.tokenizer
     catalog = SCIDCatalog.from_scids(item_scids, tok)
@@ -502,7 +502,7 @@ def transition_prompts(
     """SEQ prompts of training transitions that were *not* SEQ responses in SFT (SFT fits its own SEQ
     targets; DPO on them mostly re-teaches what the policy already ranks first), shuffled. Columns as
     `sample_prompts`. Falls back to nothing: an empty frame when every transition was an SFT target."""
-    from align3gr_pipelines.prompts import seq_prompt
+    from align3gr_pipelines.sft.prompts import seq_prompt
 
     for col in ("user_id", "history", "target"):
         if col not in train_sequences.columns:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines.metrics import bootstrap_ci, list_matrix, paired_permutation_test, recall_at_k
+from align3gr_pipelines.evaluation.metrics import bootstrap_ci, list_matrix, paired_permutation_test, recall_at_k
 
 CHAIN = ("sft", "sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard")
 LEVELS = ("liked", "neutral", "disliked")

@@ -28,8 +28,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from align3gr_pipelines.rq_vae import RQVAE
-from align3gr_pipelines.sc_encoder import IdentitySC, SCEncoder, sampled_auc, sc_features, u2i_loss
+from align3gr_pipelines.tokenizer.rq_vae import RQVAE
+from align3gr_pipelines.tokenizer.sc_encoder import IdentitySC, SCEncoder, sampled_auc, sc_features, u2i_loss
 
 CONFIG_FILE = "sc_tokenizer_config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -21,8 +21,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from align3gr_pipelines.rec_lm import RecLM, load_base_model, resolve_model_path
-from align3gr_pipelines.scid import scid_token, tokens_to_codes
+from align3gr_pipelines.lm.rec_lm import RecLM, load_base_model, resolve_model_path
+from align3gr_pipelines.tokenizer.scid import scid_token, tokens_to_codes
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from align3gr_pipelines.datasets import CheckpointDataset
-from align3gr_pipelines.lineage import (
+from align3gr_pipelines.tracking.lineage import (
     ContentFingerprinter,
     LineageRecord,
     LineageStore,
@@ -156,7 +156,7 @@ class LineageHooks:
             self.project_path = Path(run_params.get("project_path") or Path.cwd())
             self.store = lineage_store(self.project_path)
         self.catalog = catalog
-        self.git = git_state(self.project_path, Path(__file__).parent)
+        self.git = git_state(self.project_path, Path(__file__).parents[1])
         self.written = {}
         self.stale_consumed = {}
         self._node_deps = {}

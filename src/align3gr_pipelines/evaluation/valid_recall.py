@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from align3gr_pipelines.constrained_decoding import SCIDCatalog, decode_prompts
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts
 
 
 @dataclass

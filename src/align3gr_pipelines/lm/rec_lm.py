@@ -20,19 +20,10 @@ from typing import Any
 
 import torch
 
+from align3gr_pipelines.devices import pick_device
+
 META_FILE = "rec_lm.json"
 PACKAGE_PREFIX = "package:"
-
-
-def pick_device(preferred: str | None = None) -> torch.device:
-    """cuda if present, then mps, else cpu; `preferred` ('cpu', 'cuda', 'auto'/None) overrides."""
-    if preferred and preferred != "auto":
-        return torch.device(preferred)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -75,7 +66,7 @@ def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
 def encode_response(tokenizer: Any, response: str, add_eos: bool = True) -> list[int]:
     """Response ids appended right after the prompt ids. A SCID response (only SCID tokens) maps one token
     per level, so constrained decoding that starts after the prompt spells exactly these ids."""
-    from align3gr_pipelines.scid import split_tokens
+    from align3gr_pipelines.tokenizer.scid import split_tokens
 
     scid = split_tokens(response)
     if scid and "".join(scid) == response.strip():

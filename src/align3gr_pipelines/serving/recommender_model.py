@@ -27,13 +27,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-from align3gr_pipelines.rec_lm import PACKAGE_PREFIX
-from align3gr_pipelines.recommend import Recommender, RequestError, read_settings, write_settings
+from align3gr_pipelines.lm.rec_lm import PACKAGE_PREFIX
+from align3gr_pipelines.serving.recommend import Recommender, RequestError, read_settings, write_settings
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "recommender"
-PACKAGE_DIR = Path(__file__).resolve().parent
+# The whole package is logged as the model's code; this file's folder holds the entry MLflow runs.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+ENTRY_FILE = Path(__file__).resolve().with_name("recommender_entry.py")
 
 
 class RecommendationRequest(pydantic.BaseModel):
@@ -121,7 +123,7 @@ def log_recommender(recommender: Recommender, name: str = MODEL_NAME) -> str:
         run = active or mlflow.start_run()
         try:
             mlflow.pyfunc.log_model(
-                name=name, python_model=str(PACKAGE_DIR / "recommender_entry.py"), artifacts=artifacts,
+                name=name, python_model=str(ENTRY_FILE), artifacts=artifacts,
                 code_paths=[str(PACKAGE_DIR)], pip_requirements=_requirements(recommender),
             )
         finally:

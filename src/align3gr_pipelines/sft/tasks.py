@@ -37,8 +37,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines.prompts import ITEM_RESPONSE_TASKS, TEMPLATES, n_templates, render, seq_prompt, user_field
-from align3gr_pipelines.scid import split_tokens
+from align3gr_pipelines.sft.prompts import ITEM_RESPONSE_TASKS, TEMPLATES, n_templates, render, seq_prompt, user_field
+from align3gr_pipelines.tokenizer.scid import split_tokens
 
 log = logging.getLogger(__name__)
 

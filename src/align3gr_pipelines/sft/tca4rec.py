@@ -37,7 +37,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from align3gr_pipelines.scid import scid_token, split_tokens
+from align3gr_pipelines.tokenizer.scid import scid_token, split_tokens
 
 IGNORE_INDEX = -100
 Variant = Literal["soft_ntp", "aux_kl"]

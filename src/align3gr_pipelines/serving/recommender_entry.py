@@ -2,6 +2,6 @@
 plus its artifacts, not a pickled object). Logged by `recommender_model.log_recommender`."""
 from mlflow.models import set_model
 
-from align3gr_pipelines.recommender_model import RecommenderModel
+from align3gr_pipelines.serving.recommender_model import RecommenderModel
 
 set_model(RecommenderModel())

@@ -27,9 +27,9 @@ from typing import Any
 
 import pandas as pd
 
-from align3gr_pipelines.constrained_decoding import SCIDCatalog, decode_prompts
-from align3gr_pipelines.prompts import seq_prompt
-from align3gr_pipelines.rec_lm import RecLM
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts
+from align3gr_pipelines.lm.rec_lm import RecLM
+from align3gr_pipelines.sft.prompts import seq_prompt
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Only the training period is ever read: `feedback` rows with ``split == "train"``
 interactions never label anything, never become a chosen or a rejected item, never enter a prompt.
 
 1. Levels. data_prep maps ratings to disliked / neutral / liked; rows with a review but no rating (level
-   missing) are scored by a sentiment scorer (`align3gr_pipelines.sentiment`). ``rating_to_level`` can
+   missing) are scored by a sentiment scorer (`align3gr_pipelines.preference.sentiment`). ``rating_to_level`` can
    re-map ratings with other thresholds: ``rating < neutral_min`` → disliked, ``rating >= liked_min`` →
    liked, neutral in between — so half-star scales need no special case (0.5–1.5 disliked, 2–3.5
    neutral, 4–5 liked with the defaults 2 and 4).
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines.prompts import seq_prompt
+from align3gr_pipelines.sft.prompts import seq_prompt
 
 LEVELS = ("disliked", "neutral", "liked")
 STAGE_REJECTED = {"easy": ("disliked",), "hard": ("neutral",), "mixed": ("disliked", "neutral")}

@@ -161,7 +161,7 @@ def checked_scorer_factory(cfg: dict[str, Any], feedback: Any, interactions: Any
     """Builds the sentiment scorer on first use (only if some row needs one). Where the data also has
     rated reviews, the scorer is checked against their ratings — on a held-out half when it was
     calibrated on the other half (``calibrate_on_rated``)."""
-    from align3gr_pipelines import feedback_pairs as fp
+    from align3gr_pipelines.preference import feedback_pairs as fp
 
     state: dict[str, Any] = {}
 

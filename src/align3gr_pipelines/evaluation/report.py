@@ -1,0 +1,119 @@
+"""The evaluation table: Recall/NDCG@K per model and split with bootstrap CIs and a paired test against a
+reference model, its Markdown rendering and its comparison plot."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from align3gr_pipelines.evaluation.metrics import (
+    bootstrap_ci,
+    list_matrix,
+    paired_permutation_test,
+    ranking_metrics,
+    tie_group_at_list_end,
+)
+
+METRIC_COLUMNS = ["model", "split", "metric", "value", "ci_low", "ci_high", "p_value_vs_sasrec", "n_users"]
+
+
+def metric_table(
+    recommendations: pd.DataFrame, eval_cases: pd.DataFrame, models: list[str], ks: list[int], n_boot: int,
+    conf: float, n_perm: int, seed: int, reference: str = "sasrec",
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0; the tie
+    rule of `metrics` applied over each whole kept list), with percentile-bootstrap CIs (the same resamples
+    for every model) and a paired sign-flip permutation test against `reference` on the same users.
+    Also returns, per "split/model", the users whose target ties with the last kept item."""
+    rows: list[dict[str, Any]] = []
+    truncated: dict[tuple[str, str], np.ndarray] = {}
+    for split, cases in eval_cases.groupby("split", sort=False):
+        users = cases["user_id"].reset_index(drop=True)
+        recs = recommendations[recommendations["split"] == split]
+        per_user: dict[str, dict[str, np.ndarray]] = {}
+        for model in models:
+            mine = recs[recs["model"] == model]
+            # The tie rule runs over the whole kept list (top_k), not a list cut at max(ks).
+            items, scores = list_matrix(mine, users, max(ks))
+            per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
+            truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
+        if not per_user:
+            continue
+        names = list(next(iter(per_user.values())))
+        series = [(m, name) for m in per_user for name in names]
+        values = np.stack([per_user[m][name] for m, name in series], axis=1)
+        low, high = bootstrap_ci(values, n_boot, conf, seed)
+        pvals = np.full(len(series), np.nan)
+        if reference in per_user:
+            ref = np.stack([per_user[reference][name] for _, name in series], axis=1)
+            others = np.array([m != reference for m, _ in series])
+            if others.any():
+                pvals[others] = paired_permutation_test(values[:, others], ref[:, others], n_perm, seed)
+        for j, (model, name) in enumerate(series):
+            rows.append({"model": model, "split": split, "metric": name, "value": float(values[:, j].mean()),
+                         "ci_low": float(low[j]), "ci_high": float(high[j]), "p_value_vs_sasrec": float(pvals[j]),
+                         "n_users": int(len(users))})
+    table = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype({"n_users": "int64"})
+    at_end = {f"{s}/{m}": int(v.sum()) for (s, m), v in truncated.items() if v.any()}
+    return table, at_end
+
+
+def metrics_markdown(table: pd.DataFrame, info: dict[str, Any]) -> str:
+    conf = int(round(100 * info["bootstrap"]["confidence"]))
+    lines = ["# Evaluation", "",
+             f"Leave-one-out, full catalogue, constrained beam search width {info['beam_width']} for the LMs; "
+             f"mean with {conf}% bootstrap CI ({info['bootstrap']['n_resamples']} resamples of users); p: paired "
+             f"sign-flip permutation test vs SASRec ({info['paired_test']['n_permutations']} permutations).", ""]
+    for split, part in table.groupby("split", sort=False):
+        metrics = list(dict.fromkeys(part["metric"]))
+        lines += [f"## {split} ({int(part['n_users'].iloc[0])} users)", "",
+                  "| model | " + " | ".join(metrics) + " | " + " | ".join(f"p {m}" for m in metrics) + " |",
+                  "|---" * (1 + 2 * len(metrics)) + "|"]
+        for model, m in part.groupby("model", sort=False):
+            cells = {r.metric: f"{r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]" for r in m.itertuples()}
+            ps = {r.metric: ("–" if np.isnan(r.p_value_vs_sasrec) else f"{r.p_value_vs_sasrec:.3g}") for r in m.itertuples()}
+            lines.append(f"| {model} | " + " | ".join(cells[x] for x in metrics) + " | " + " | ".join(ps[x] for x in metrics) + " |")
+        lines.append("")
+    timing = [m for m in info["models"] if "ms_per_user" in m]
+    if timing:
+        lines += ["## Time per user", "", "| model | ms / user |", "|---|---|"]
+        lines += [f"| {m['model']} | {m['ms_per_user']:.1f} |" for m in timing] + [""]
+    if info.get("ties_at_list_end"):
+        lines += ["## Ties cut by the kept list", "",
+                  f"Users whose target's tie group starts in the top {max(info['ks'])} and reaches the last of the "
+                  f"{info['top_k']} kept items; the group may go on past the list, and their credit counts its "
+                  "listed part only (it may be too high):", ""]
+        lines += [f"- {k}: {n}" for k, n in info["ties_at_list_end"].items()] + [""]
+    if info["skipped"]:
+        lines += ["## Skipped", ""] + [f"- {s['model']}: {s['skipped']}" for s in info["skipped"]] + [""]
+    return "\n".join(lines)
+
+
+def plot_comparison(evaluation_metrics: pd.DataFrame) -> Figure:
+    """Grouped bars per metric, one bar per model, with bootstrap CIs; one panel per split. A bare Figure
+    (no pyplot): nothing global is touched and nothing stays open."""
+    splits = list(dict.fromkeys(evaluation_metrics["split"])) or ["test"]
+    fig = Figure(figsize=(6.5 * len(splits), 4.2))
+    axes = fig.subplots(1, len(splits), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        part = evaluation_metrics[evaluation_metrics["split"] == split]
+        models = list(dict.fromkeys(part["model"]))
+        metrics = list(dict.fromkeys(part["metric"]))
+        width = 0.8 / max(len(models), 1)
+        for j, model in enumerate(models):
+            m = part[part["model"] == model].set_index("metric").reindex(metrics)
+            x = np.arange(len(metrics)) + (j - (len(models) - 1) / 2) * width
+            err = np.vstack([m["value"] - m["ci_low"], m["ci_high"] - m["value"]]).clip(min=0)
+            ax.bar(x, m["value"], width, yerr=err, capsize=2, label=model)
+        ax.set_xticks(np.arange(len(metrics)), metrics)
+        n = int(part["n_users"].iloc[0]) if len(part) else 0
+        ax.set_title(f"{split} ({n} users)")
+        ax.set_ylabel("mean over users, bootstrap CI")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig
+
+

@@ -1,0 +1,99 @@
+"""Distributed data parallel SFT: the caller's process writes the tokenised data and the initial model to
+``<output_dir>/job``, launches ``torchrun --standalone --nproc_per_node=N -m align3gr_pipelines.sft.launcher
+<job>`` (NCCL on GPUs, gloo on CPU), waits, and loads the model rank 0 wrote. Only the caller (a single Kedro
+process) ever writes catalog outputs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align3gr_pipelines.lm.rec_lm import RecLM
+from align3gr_pipelines.sft.hf_trainer import TrainResult, train_causal_lm
+
+log = logging.getLogger(__name__)
+
+def fit_distributed(
+    rec: RecLM, train_rows: list, eval_rows: list, tcfg: dict[str, Any], seed: int, output_dir: Path, nproc: int
+) -> tuple[RecLM, TrainResult]:
+    job = output_dir / "job"
+    shutil.rmtree(job, ignore_errors=True)
+    job.mkdir(parents=True)
+    torch.save({"train": train_rows, "eval": eval_rows}, job / "data.pt")
+    (job / "config.json").write_text(json.dumps({"trainer": tcfg, "seed": seed, "init": str(output_dir / "init"),
+                                                 "output_dir": str(output_dir)}, default=str))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "align3gr_pipelines.sft.launcher", str(job)]
+    timeout = tcfg.get("launch_timeout_s")
+    timeout = None if timeout is None else float(timeout)
+    if timeout is not None and timeout <= 0:
+        raise ValueError(f"sft_train.trainer.launch_timeout_s must be > 0 or null, got {timeout}")
+    log.info("sft_train: launching %s (timeout %s s)", " ".join(cmd), timeout)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Its own process group, so that a timeout ends torchrun *and* its ranks (a hung gloo rank would
+    # otherwise outlive a killed torchrun).
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        returncode = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _end_group(proc)
+        raise RuntimeError(
+            f"sft_train: distributed training did not finish within sft_train.trainer.launch_timeout_s={timeout:g} s; "
+            "its processes were ended (raise the limit for longer runs, or null for none)"
+        ) from None
+    except BaseException:
+        _end_group(proc)
+        raise
+    if returncode != 0 or not (job / "result.json").is_file():
+        raise RuntimeError(f"sft_train: distributed training failed (torchrun exit code {returncode}); see the log above")
+    result = TrainResult(**json.loads((job / "result.json").read_text()))
+    trained = RecLM.from_pretrained(str(job / "final"), device="cpu", trainable=True)
+    trained.meta = rec.meta
+    return trained, result
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGTERM, a grace period, then SIGKILL to the process group `proc` leads (started in a new session):
+    ranks that outlive torchrun are ended too."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _worker(job_dir: str) -> None:
+    """One torchrun rank: train on the job's data; rank 0 writes the final model and the summary."""
+    job = Path(job_dir)
+    spec = json.loads((job / "config.json").read_text())
+    data = torch.load(job / "data.pt")
+    rec = RecLM.from_pretrained(spec["init"], device="cpu", trainable=True)
+    rec.model.train()
+    trainer, result = train_causal_lm(rec.model, rec.tokenizer, data["train"], data["eval"], spec["trainer"],
+                                      spec["output_dir"], int(spec["seed"]))
+    if trainer.is_world_process_zero():
+        rec.model = trainer.model
+        rec.save_pretrained(str(job / "final"))
+        (job / "result.json").write_text(json.dumps(asdict(result), default=str))
+    trainer.accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: torchrun --nproc_per_node=N -m align3gr_pipelines.sft.launcher JOB_DIR")
+    _worker(sys.argv[1])

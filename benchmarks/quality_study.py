@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from study_pooled import PER_CASE_FILE, pooled_pairs, pooled_table, write_per_case  # noqa: E402
 from study_rows import (  # noqa: E402
     DEFAULT_SEEDS, LINES, QUICK_OVERRIDES, QUICK_RUNS, RUNS, STAGES, Run, validate,
 )
@@ -372,6 +373,8 @@ class Study:
         sft = sorted((ws / "data").rglob("08_reporting/sft_train/metrics.json"))
         if len(sft) == 1:  # restored from the cache too, so every job has it; the choice is made on valid
             write_sft_selection(sft[0], tmp / SELECTION_FILE)
+        if not write_per_case(ws / "data", tmp / PER_CASE_FILE):
+            print(f"[note]  {run.name} seed {seed}: no recommendations/test split to score per case", flush=True)
         if dst.exists():
             shutil.rmtree(dst)
         tmp.rename(dst)  # metrics.parquet inside marks the job finished
@@ -555,7 +558,25 @@ def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
                            **seed_stats(seeds, diffs)})
     return {"dataset": dataset, "seeds": sorted(int(s) for s in allv["seed"].unique()), "command": command,
             "ci": "mean over seeds +- 95% Student-t half-width across seeds (null for one seed)",
-            "rows": rows, "paired_differences": paired}
+            "rows": rows, "paired_differences": paired,
+            "pooled_paired_differences": _pooled(out),
+            "pooled_ci": "per (seed, test case) difference b - a, pooled over seeds; 95% percentile CI of a bootstrap "
+                         "that resamples users with all their seeds and cases; mde: the |delta| a two-sided 0.05 test "
+                         "finds with 80% power, (z_0.975 + z_0.8) x bootstrap SE"}
+
+
+def _line_rows() -> dict[tuple[str, str], tuple[str, str]]:
+    return {(line.table, line.label): (line.run, line.model) for line in LINES}
+
+
+_POOLED_CACHE: dict[Path, list[dict[str, Any]]] = {}
+
+
+def _pooled(out: Path) -> list[dict[str, Any]]:
+    """The pooled paired differences of PAIRS (computed once per report)."""
+    if out not in _POOLED_CACHE:
+        _POOLED_CACHE[out] = pooled_pairs(out, PAIRS, _line_rows())
+    return _POOLED_CACHE[out]
 
 
 def summarize(long) -> dict[tuple[str, str], dict[str, Any]]:
@@ -736,6 +757,12 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
            "Rows of one seed share everything seed-dependent they have in common (SASRec, the encoders, cached "
            "stages), so the per-seed difference removes that shared variation; mean ± 95% Student-t half-width "
            "of the per-seed differences.", "", *_paired_table(long), ""]
+    md += ["## Pooled paired differences (user-cluster bootstrap) and what the test can resolve", "",
+           "Each (seed, test case) gives one paired difference of the two rows on the same held-out item; Δ is their "
+           "mean over every seed, the 95% CI a bootstrap over users (each with all of their seeds and cases), and "
+           "the MDE the smallest true |Δ| this test set detects with 80% power (two-sided 0.05). A CI that "
+           "excludes 0 is a difference; |Δ| below the MDE is what noise looks like here.", "",
+           *pooled_table(_pooled(out)), ""]
     md += ["## SFT checkpoint selection (validation) beside test", "",
            "Each SFT run keeps its checkpoint with the best Recall@10 of the constrained decoder on the sampled "
            "valid users (sft_train.model_selection); that figure is what rows are chosen on, so it is a maximum "

@@ -100,3 +100,31 @@ def test_a_finished_job_gets_its_selection_from_the_cached_sft_stage(tmp_path):
     got = json.loads((tmp_path / "results" / "sft_seq" / "seed42" / quality_study.SELECTION_FILE).read_text())
     assert got == {"best_valid_recall@10": 0.0705, "best_eval_loss": 1.981, "global_step": 100.0}
     assert not (tmp_path / "results" / "sft_seq" / "seed43" / quality_study.SELECTION_FILE).exists()
+
+
+def test_per_case_results_give_pooled_paired_deltas_with_a_cluster_ci_and_mde(tmp_path):
+    """Two hand-made finished jobs' workspaces → per_case.parquet → the pooled SASRec → full difference."""
+    import study_pooled
+
+    users = [str(u) for u in range(6)]
+    for seed in (42, 43):
+        data = tmp_path / f"ws{seed}" / "data"
+        (data / "03_primary").mkdir(parents=True)
+        (data / "07_model_output").mkdir(parents=True)
+        pd.DataFrame({"user_id": users, "history": [["x"]] * 6, "target": [f"t{u}" for u in users],
+                      "position": 5}).to_parquet(data / "03_primary" / "test.parquet")
+        # sasrec hits users 0, 1; rf_dpo_hard hits 0, 1, 2 (and user 3 on seed 43)
+        hits = {"sasrec": {"0", "1"}, "rf_dpo_hard": {"0", "1", "2"} | ({"3"} if seed == 43 else set())}
+        recs = [{"model": m, "split": "test", "user_id": u, "rank": 1, "item_id": f"t{u}" if u in h else "other",
+                 "score": 1.0} for m, h in hits.items() for u in users]
+        pd.DataFrame(recs).to_parquet(data / "07_model_output" / "recommendations.parquet")
+        _job(tmp_path, "full", seed, {"sasrec": len(hits["sasrec"]) / 6, "rf_dpo_hard": len(hits["rf_dpo_hard"]) / 6})
+        assert study_pooled.write_per_case(data, tmp_path / "results" / "full" / f"seed{seed}" / study_pooled.PER_CASE_FILE)
+    doc = quality_study.results_json(tmp_path, "x", "cmd")
+    pooled = next(p for p in doc["pooled_paired_differences"]
+                  if p["a_row"] == "full/sasrec" and p["b_row"] == "full/rf_dpo_hard" and p["metric"] == "recall@10")
+    assert pooled["delta"] == pytest.approx(3 / 12) and pooled["seeds"] == [42, 43]
+    assert pooled["n_users"] == 6 and pooled["n_cases"] == 12
+    assert pooled["ci_low"] <= pooled["delta"] <= pooled["ci_high"] and pooled["mde"] > 0
+    assert any("no difference shown" in line or "b higher" in line for line in study_pooled.pooled_table(doc["pooled_paired_differences"]))
+    json.dumps(doc)

@@ -84,3 +84,12 @@ def sign_test_p(better: np.ndarray, base: np.ndarray) -> float:
     b, c = int((better & ~base).sum()), int((base & ~better).sum())
     n = b + c
     return 1.0 if n == 0 else float(sum(math.comb(n, i) for i in range(b, n + 1)) / 2**n)
+
+
+def confirm_half(n: int, seed: int) -> np.ndarray:
+    """bool[n]: the confirm half of a valid sample (seeded; the other half selects). Choosing the best of
+    several checkpoints on the same users overstates its score; its score on users it was not chosen on
+    does not. The halves differ in size by at most one."""
+    mask = np.zeros(int(n), dtype=bool)
+    mask[np.random.default_rng([int(seed), 1]).permutation(int(n))[: int(n) // 2]] = True
+    return mask

@@ -27,6 +27,8 @@ one-sided sign test over the sampled users (``valid_recall.sign_test_p``): the m
 evaluations of the same few hundred users is biased upwards, and gains of 2-4 users of 610 chosen that way
 did not hold on test (ml-latest-small study, 2026-11-30). Each evaluation also records the drift of the
 chosen and rejected log-probabilities (policy − reference, mean over a fixed subset of the pairs), the likelihood-displacement signal.
+With ``confirm_half`` the choice (and its gate) uses one seeded half of the sampled users, and the chosen
+checkpoint replaces the input policy only if it beats it on the other half too (``confirmed_on_other_half``).
 """
 from __future__ import annotations
 
@@ -103,6 +105,10 @@ class Selection:
     # to replace it; null = any higher valid recall does (the behaviour before 2026-11-30).
     max_p_value: float | None = None
     drift_examples: int = 64  # pairs on which the chosen / rejected log-prob drift is measured
+    # true: checkpoints are chosen (and gated) on one seeded half of the sampled users, and the chosen one
+    # replaces the input policy only if it also beats it on the other half (sign test at max_p_value, or
+    # a higher recall when max_p_value is null). false: both on the same users (before 2026-12-03).
+    confirm_half: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None, where: str) -> "Selection":
@@ -343,12 +349,19 @@ def train_dpo(
     drift_idx = np.random.default_rng([seed, 7]).permutation(len(examples))[: selection.drift_examples if selection else 64]
     drift_ex, drift_ref = [examples[i] for i in drift_idx], [ref[i] for i in drift_idx]
     gated = select and selection.max_p_value is not None
+    halves = select and selection.confirm_half
     for name in ("valid_recall", "chosen_logp_drift", "rejected_logp_drift") + (("valid_p_vs_input",) if gated else ()):
         curves[name] = []
+    if halves:
+        curves["valid_recall_confirm"] = []
     best: dict[str, Any] = {}
     input_hits: list[np.ndarray] = []
+    confirm: np.ndarray | None = None  # bool mask of the confirm half, fixed at the first evaluation
+    input_state = copy.deepcopy(model.state_dict()) if halves else None
+    confirm_hits: dict[int, np.ndarray] = {}  # step -> hits on the confirm half
 
     def checkpoint(at: int) -> None:
+        nonlocal confirm
         c, r = _drift(model, drift_ex, drift_ref, pad_id, cfg.ref_batch_size)
         curves["chosen_logp_drift"].append([at, c])
         curves["rejected_logp_drift"].append([at, r])
@@ -356,13 +369,19 @@ def train_dpo(
             return
         was = model.training
         model.eval()
-        if at == 0 and input_score is not None and not gated:
-            score = float(input_score)
+        if at == 0 and input_score is not None and not gated and not halves:
+            score, hits = float(input_score), None
         else:
             hits = evaluate(model)
+            if (gated or halves) and np.ndim(hits) != 1:
+                raise ValueError("DPO selection: max_p_value and confirm_half need an evaluator that returns per-user hits")
+            if halves:
+                hits = np.asarray(hits, dtype=bool)
+                confirm = valid_recall.confirm_half(len(hits), seed) if confirm is None else confirm
+                confirm_hits[at] = hits[confirm]
+                curves["valid_recall_confirm"].append([at, float(hits[confirm].mean())])
+                hits = hits[~confirm]  # selection and its gate see the select half only
             score = float(np.mean(hits))
-            if gated and np.ndim(hits) != 1:
-                raise ValueError("DPO selection: max_p_value needs an evaluator that returns per-user hits")
         model.train(was)
         curves["valid_recall"].append([at, score])
         qualifies = True
@@ -433,6 +452,12 @@ def train_dpo(
     if select and not selection.allow_worse and best["step"] != step:
         model.load_state_dict(best["state"])
         selected_step = best["step"]
+    confirmation = None
+    if halves and not selection.allow_worse and selected_step != 0:
+        confirmation = confirmed_on_other_half(confirm_hits[selected_step], confirm_hits[0], selection.max_p_value)
+        if not confirmation["confirmed"]:
+            model.load_state_dict(input_state)
+            selected_step = 0
     model.eval()
     train_seconds = time.perf_counter() - t1 - eval_seconds
 
@@ -474,4 +499,17 @@ def train_dpo(
         )
         if gated:
             scalars["selected_p_vs_input"] = dict(map(tuple, curves["valid_p_vs_input"])).get(selected_step, 1.0)
+        if halves:
+            on_confirm = dict(map(tuple, curves["valid_recall_confirm"]))
+            scalars.update(valid_recall_confirm_input=on_confirm[0], valid_recall_confirm_selected=on_confirm[selected_step])
+        if confirmation is not None:
+            scalars.update(confirm_p_vs_input=confirmation["p"], confirmed=float(confirmation["confirmed"]))
     return DPOResult(curves=curves, scalars=scalars)
+
+
+def confirmed_on_other_half(selected: np.ndarray, base: np.ndarray, max_p_value: float | None) -> dict[str, Any]:
+    """Whether a checkpoint chosen on the select half also beats the input policy on the confirm half (hits
+    of the same users): the one-sided sign test at ``max_p_value``, or a higher recall when it is null."""
+    p = valid_recall.sign_test_p(selected, base)
+    ok = p <= float(max_p_value) if max_p_value is not None else float(np.mean(selected)) > float(np.mean(base))
+    return {"p": float(p), "confirmed": bool(ok)}

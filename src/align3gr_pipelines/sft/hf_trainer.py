@@ -153,11 +153,12 @@ def _throughput_callback() -> Any:
 
 
 SELECTION_METRICS = ("valid_recall", "eval_loss")
+CONFIRM_SUFFIX = "_confirm"  # valid recall on the half of the users a checkpoint was not selected on
 
 
 def selection_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """`trainer.model_selection` with defaults; metric eval_loss = the loss of the valid SEQ examples."""
-    sel = {"metric": "eval_loss", "k": 10, "n_users": 200, "beam_width": 20, "batch_size": 64,
+    sel = {"metric": "eval_loss", "k": 10, "n_users": 200, "beam_width": 20, "batch_size": 64, "confirm_half": False,
            **(cfg.get("model_selection") or {})}
     if sel["metric"] not in SELECTION_METRICS:
         raise ValueError(f"sft_train.trainer.model_selection.metric must be one of {SELECTION_METRICS}, got {sel['metric']!r}")
@@ -182,16 +183,18 @@ def valid_recall_callback(score: Any, key: str) -> Any:
             was_training = model.training
             model.eval()
             try:
-                value = float(score(model))
+                value = score(model)
             finally:
                 model.train(was_training)
+            # (select, confirm): the Trainer selects on the first; the second is only recorded.
+            values = {key: float(value)} if not isinstance(value, tuple) else {key: value[0], key + CONFIRM_SUFFIX: value[1]}
             if metrics is not None:
-                metrics[key] = value
+                metrics.update(values)
             for entry in reversed(state.log_history):
                 if "eval_loss" in entry and entry.get("step") == state.global_step:
-                    entry[key] = value
+                    entry.update(values)
                     break
-            log.info("sft_train: step %d %s %.4f", state.global_step, key, value)
+            log.info("sft_train: step %d %s", state.global_step, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     return ValidRecall()
 

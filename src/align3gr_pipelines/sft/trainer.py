@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
 from align3gr_pipelines.lm.rec_lm import RecLM
 from align3gr_pipelines.sft.hf_trainer import (
+    CONFIRM_SUFFIX,
     TrainResult,
     encode_examples,
     selection_metric,
@@ -160,10 +161,12 @@ def _split_rows(examples: pd.DataFrame, cfg: dict[str, Any], seed: int) -> tuple
 
 def recall_scorer(rec: RecLM, item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame | None,
                   selection: dict[str, Any], seed: int) -> Any:
-    """model -> valid Recall@K over a seeded sample of valid users (the same users at every evaluation)."""
+    """model -> valid Recall@K over a seeded sample of valid users (the same users at every evaluation).
+    With ``confirm_half`` it returns (recall on the select half, recall on the confirm half): the Trainer
+    picks its checkpoint on the first, and the second is an unbiased figure for the one it picked."""
     from types import SimpleNamespace
 
-    from align3gr_pipelines.evaluation.valid_recall import build_valid_sample, recall_at_k, sample_valid_prompts
+    from align3gr_pipelines.evaluation.valid_recall import build_valid_sample, confirm_half, hits_at_k, sample_valid_prompts
 
     if seq_eval_prompts is None:
         raise ValueError("sft_train.trainer.model_selection.metric=valid_recall needs 'seq_eval_prompts' (from sft_data); "
@@ -172,7 +175,13 @@ def recall_scorer(rec: RecLM, item_scids: pd.DataFrame, seq_eval_prompts: pd.Dat
     rows = sample_valid_prompts(seq_eval_prompts, None if n_users is None else int(n_users), seed)
     sample = build_valid_sample(rows, item_scids, rec.tokenizer)
     k, beam, batch = int(selection["k"]), int(selection["beam_width"]), int(selection["batch_size"])
-    return lambda model: recall_at_k(SimpleNamespace(model=model, tokenizer=rec.tokenizer), sample, k, beam, batch)
+    confirm = confirm_half(len(sample), seed) if selection.get("confirm_half") else None
+
+    def score(model: Any) -> float | tuple[float, float]:
+        hits = hits_at_k(SimpleNamespace(model=model, tokenizer=rec.tokenizer), sample, k, beam, batch)
+        return float(hits.mean()) if confirm is None else (float(hits[~confirm].mean()), float(hits[confirm].mean()))
+
+    return score
 
 
 def history_label_flags(train_df: pd.DataFrame, tcfg: dict[str, Any]) -> list[bool] | None:
@@ -354,9 +363,13 @@ def training_metrics(result: TrainResult, rec: RecLM, train_rows: list, eval_row
         "n_trainable_params": float(n_trainable),
         "vocab_size": float(len(rec.tokenizer)),
     }
-    for key in recall_keys:
+    for key in (k for k in recall_keys if not k.endswith(CONFIRM_SUFFIX)):
         name = "valid_" + key[len("eval_"):]
         scalars["best_" + name] = max(v for _, v in curves[name])
+        confirm = dict(map(tuple, curves.get(name + CONFIRM_SUFFIX, [])))
+        if confirm:  # the selected (first best) step's recall on the users it was not chosen on
+            step = next(s for s, v in curves[name] if v == scalars["best_" + name])
+            scalars[f"selected_{name}{CONFIRM_SUFFIX}"] = confirm[step]
     scalars = {k: v for k, v in scalars.items() if v is not None}  # JSON has no NaN; absent means not measured
     info = {
         "device": result.device,

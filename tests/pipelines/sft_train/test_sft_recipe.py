@@ -125,3 +125,26 @@ def test_valid_recall_selection_needs_seq_eval_prompts(tmp_path, toy, examples):
     with pytest.raises(ValueError, match="model_selection.metric"):
         fit_sft(examples, toy["item_scids"], toy["user_scids"],
                 tiny_train_params(tmp_path / "v", model_selection={"metric": "ndcg"}), seed=0)
+
+
+def test_confirm_half_selects_on_the_select_half_and_reports_the_other(tmp_path, toy, examples):
+    """The scorer returns (select-half, confirm-half) recall: the Trainer keeps the checkpoint best on the
+    first, and the metrics report the second at that checkpoint, not the best of the confirm curve."""
+    from align3gr_pipelines.lm.rec_lm import RecLM
+    from align3gr_pipelines.sft.trainer import training_metrics
+
+    vocab = scid_vocabulary(toy["item_scids"], toy["user_scids"])
+    train, valid = examples[examples["split"] == "train"], examples[examples["split"] == "valid"].head(8)
+    params = tiny_train_params(tmp_path, max_steps=9, eval_steps=3, model_selection={"metric": "valid_recall"})
+    rec = build_backbone(params["backbone"], pd.concat([examples["prompt"], examples["response"]]).tolist(), vocab, 0, 3)
+    tr, _ = encode_examples(rec.tokenizer, train["prompt"].tolist(), train["response"].tolist(), 160)
+    ev, _ = encode_examples(rec.tokenizer, valid["prompt"].tolist(), valid["response"].tolist(), 160)
+    script = iter([(0.2, 0.1), (0.5, 0.15), (0.3, 0.4)])
+    trainer, result = train_causal_lm(rec.model, rec.tokenizer, tr, ev, params["trainer"], str(tmp_path), 0,
+                                      callbacks=[valid_recall_callback(lambda m: next(script), "eval_recall@10")])
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-6")
+    metrics = training_metrics(result, RecLM(model=trainer.model, tokenizer=rec.tokenizer, meta={}), tr, ev, 0, params["trainer"])
+    s = metrics["scalars"]
+    assert s["best_valid_recall@10"] == 0.5 and s["selected_valid_recall@10_confirm"] == 0.15
+    assert "best_valid_recall@10_confirm" not in s
+    assert [v for _, v in metrics["curves"]["valid_recall@10_confirm"]] == [0.1, 0.15, 0.4]

@@ -260,7 +260,7 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
     catalog = DataCatalog(datasets={
         **{name: MemoryDataset(toy[name]) for name in INPUTS},
         "params:sft_data": MemoryDataset(data_params),
-        "params:sft_train": MemoryDataset(tiny_train_params(tmp_path / "work", model_selection={"metric": "valid_recall", "n_users": 8})),
+        "params:sft_train": MemoryDataset(tiny_train_params(tmp_path / "work", model_selection={"metric": "valid_recall", "n_users": 8, "confirm_half": True})),
         "params:seed": MemoryDataset(42),
         "sft_examples": MemoryDataset(),
         "seq_eval_prompts": MemoryDataset(),
@@ -279,6 +279,9 @@ def test_pipelines_through_a_data_catalog(tmp_path, toy, data_params):
     # selection by valid recall: its curve sits beside the loss, one point per evaluation
     assert [s for s, _ in metrics["curves"]["valid_recall@10"]] == [s for s, _ in metrics["curves"]["eval_loss"]]
     assert metrics["info"]["model_selection"] == "eval_recall@10"
+    # chosen on 4 of the 8 users, reported on the other 4
+    assert len(metrics["curves"]["valid_recall@10_confirm"]) == len(metrics["curves"]["valid_recall@10"])
+    assert metrics["scalars"]["selected_valid_recall@10_confirm"] in {0.0, 0.25, 0.5, 0.75, 1.0}
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 

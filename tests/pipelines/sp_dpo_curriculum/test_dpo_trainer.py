@@ -273,3 +273,42 @@ def test_sign_test_p():
     assert sign_test_p(_hits(0, 1, 2, n=4), _hits(n=4)) == pytest.approx(1 / 8)
     with pytest.raises(ValueError, match="shapes"):
         sign_test_p(_hits(n=3), _hits(n=4))
+
+
+def test_confirm_half_selects_on_one_half_and_keeps_the_input_unless_the_other_half_agrees(world):
+    """40 sampled users split into a select and a confirm half. Step 1 gains 8 users of the select half
+    only; step 2 gains 4 of the select half and 8 of the confirm half. Selection sees the select half
+    only, so it picks step 1; the confirm half shows no gain for it, so the input policy is kept."""
+    from align3gr_pipelines.evaluation.valid_recall import confirm_half
+
+    conf = confirm_half(40, 0)
+    sel_users, conf_users = np.flatnonzero(~conf), np.flatnonzero(conf)
+    base = _hits(*sel_users[:5], *conf_users[:5])
+    step1 = base | _hits(*sel_users[5:13])
+    step2 = base | _hits(*sel_users[5:9], *conf_users[5:13])
+    outputs = iter([base, step1, step2, base])
+    model, metrics = _stage(world, {"enabled": True, "eval_every": 1, "confirm_half": True}, lambda m: next(outputs))
+    s = metrics["scalars"]
+    assert [v for _, v in metrics["curves"]["valid_recall"]] == pytest.approx([5 / 20, 13 / 20, 9 / 20, 5 / 20])
+    assert s["confirmed"] == 0.0 and s["selected_step"] == 0
+    assert weights_fingerprint(model.model) == weights_fingerprint(world.policy.model)
+    assert s["valid_recall_confirm_input"] == s["valid_recall_confirm_selected"] == 5 / 20
+    # the same gains on both halves: step 1 is selected and confirmed
+    step1 = base | _hits(*sel_users[5:13], *conf_users[5:13])
+    outputs = iter([base, step1, step2, base])
+    model, metrics = _stage(world, {"enabled": True, "eval_every": 1, "confirm_half": True, "max_p_value": 0.05},
+                            lambda m: next(outputs))
+    s = metrics["scalars"]
+    assert s["selected_step"] == 1 and s["confirmed"] == 1.0 and s["confirm_p_vs_input"] == pytest.approx(1 / 256)
+    assert weights_fingerprint(model.model) != weights_fingerprint(world.policy.model)
+
+
+def test_confirm_half_is_seeded_balanced_and_off_by_default():
+    from align3gr_pipelines.evaluation.valid_recall import confirm_half
+    from align3gr_pipelines.preference.dpo_trainer import Selection, confirmed_on_other_half
+
+    assert confirm_half(41, 3).sum() == 20 and np.array_equal(confirm_half(41, 3), confirm_half(41, 3))
+    assert not np.array_equal(confirm_half(41, 3), confirm_half(41, 4))
+    assert Selection.from_params({}, "x").confirm_half is False
+    assert confirmed_on_other_half(_hits(1, 2), _hits(1), None) == {"p": 0.5, "confirmed": True}
+    assert confirmed_on_other_half(_hits(1, 2), _hits(1), 0.05)["confirmed"] is False

@@ -9,9 +9,10 @@ from .splitting import period_of_interactions
 FEEDBACK_COLUMNS = ["user_id", "item_id", "level", "source", "rating", "timestamp", "split"]
 
 
-def build_feedback(interactions: pd.DataFrame, params: dict) -> pd.DataFrame:
+def build_feedback(interactions: pd.DataFrame, params: dict, holdout: tuple[int, int] = (1, 1)) -> pd.DataFrame:
+    """`holdout` = (k_valid, k_test) of the split, so each row's period matches it."""
     fb = interactions[["user_id", "item_id", "rating", "timestamp"]].copy()
-    fb["split"] = period_of_interactions(interactions)
+    fb["split"] = period_of_interactions(interactions, *holdout)
     level = ratings_to_levels(
         fb["rating"],
         disliked_max=float(params.get("disliked_max", 1)),

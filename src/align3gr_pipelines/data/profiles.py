@@ -70,16 +70,19 @@ def build_user_profiles(
     items: pd.DataFrame,
     user_tags: pd.DataFrame,
     params: dict,
+    holdout: tuple[int, int] = (1, 1),
 ) -> tuple[pd.DataFrame, dict]:
-    """Fill missing profiles; returns the users table and a count of where profiles came from."""
+    """Fill missing profiles from the training period only (`holdout` = (k_valid, k_test) of the split);
+    returns the users table and a count of where profiles came from."""
     liked_min = float(params.get("liked_min", 4.0))
     max_tags = int(params.get("max_tags", 8))
     max_cats = int(params.get("max_categories", 3))
 
-    period = period_of_interactions(interactions)
+    period = period_of_interactions(interactions, *holdout)
     train = interactions[period == "train"]
     held = interactions[period != "train"]
-    valid_time = interactions[period == "valid"].set_index("user_id")["timestamp"]
+    # the training period ends at a user's first held-out interaction
+    valid_time = interactions[period == "valid"].groupby("user_id", sort=False)["timestamp"].min()
 
     tags_by_user: dict[str, list[str]] = {}
     if user_tags is not None and len(user_tags):

@@ -43,7 +43,7 @@ from align3gr_pipelines.tokenizer.scid import split_tokens
 log = logging.getLogger(__name__)
 
 EXAMPLE_COLUMNS = ["task", "template_id", "prompt", "response", "user_id", "split", "target_item_id"]
-EVAL_COLUMNS = ["user_id", "split", "prompt", "target", "target_tokens"]
+EVAL_COLUMNS = ["user_id", "split", "prompt", "target", "target_tokens", "position"]
 TASKS = tuple(TEMPLATES)
 
 
@@ -178,7 +178,8 @@ def build_context(
     }
 
     # The training period of a user: interactions before their valid position in the chronological sequence.
-    valid_pos = dict(zip(valid["user_id"].astype(str), valid["position"].astype(int)))
+    # (the first one: a suffix holdout has several valid cases per user)
+    valid_pos = valid.assign(user_id=valid["user_id"].astype(str)).groupby("user_id")["position"].min().astype(int).to_dict()
     inter = interactions.assign(user_id=interactions["user_id"].astype(str), item_id=interactions["item_id"].astype(str))
     inter = inter.sort_values(["user_id", "timestamp"], kind="mergesort")
     inter["_pos"] = inter.groupby("user_id", sort=False).cumcount()
@@ -539,8 +540,11 @@ def build_seq_eval_prompts(
             seq_prompt([item_tokens[str(i)] for i in list(h)[-keep:]], user_tokens.get(u) if inject else None, template)
             for u, h in zip(users, df["history"])
         ]
-        frames.append(pd.DataFrame({"user_id": users.to_numpy(), "split": split, "prompt": prompts,
-                                    "target": targets.to_numpy(), "target_tokens": [item_tokens[t] for t in targets]}))
+        frame = pd.DataFrame({"user_id": users.to_numpy(), "split": split, "prompt": prompts,
+                              "target": targets.to_numpy(), "target_tokens": [item_tokens[t] for t in targets]})
+        # A suffix holdout has several cases per user: the held-out position tells them apart.
+        frame["position"] = df["position"].astype("int64").to_numpy() if "position" in df.columns else -1
+        frames.append(frame)
     return pd.concat(frames, ignore_index=True)[EVAL_COLUMNS]
 
 

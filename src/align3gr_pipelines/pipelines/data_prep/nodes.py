@@ -13,7 +13,7 @@ from align3gr_pipelines.data.canonical import TAG_COLUMNS, RawTables, canonicali
 from align3gr_pipelines.data.feedback import build_feedback
 from align3gr_pipelines.data.profiles import build_user_profiles
 from align3gr_pipelines.data.sources import check_params, load_source
-from align3gr_pipelines.data.splitting import leave_one_out
+from align3gr_pipelines.data.splitting import holdout_sizes, leave_one_out
 from align3gr_pipelines.data.stats import dataset_stats, fingerprint
 
 log = logging.getLogger(__name__)
@@ -48,19 +48,24 @@ def clean_tables(
 
 
 def split_sequences(interactions: pd.DataFrame, params: dict) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    return leave_one_out(interactions, max_history=int(params.get("max_history", 20)))
+    k_valid, k_test = holdout_sizes(params.get("holdout"))
+    train, valid, test = leave_one_out(interactions, int(params.get("max_history", 20)), k_valid, k_test)
+    log.info("split: %s, %d train / %d valid / %d test cases over %d users", (params.get("holdout") or {}).get("mode", "leave_one_out"),
+             len(train), len(valid), len(test), test["user_id"].nunique())
+    return train, valid, test
 
 
 def build_users(
     users_base: pd.DataFrame, interactions: pd.DataFrame, items: pd.DataFrame, user_tags: pd.DataFrame, params: dict
 ) -> tuple[pd.DataFrame, dict]:
-    users, sources = build_user_profiles(users_base, interactions, items, user_tags, params.get("profile", {}) or {})
+    users, sources = build_user_profiles(users_base, interactions, items, user_tags, params.get("profile", {}) or {},
+                                         holdout_sizes(params.get("holdout")))
     log.info("user profiles by source: %s", sources)
     return users, sources
 
 
 def build_feedback_table(interactions: pd.DataFrame, params: dict) -> pd.DataFrame:
-    fb = build_feedback(interactions, params.get("feedback", {}) or {})
+    fb = build_feedback(interactions, params.get("feedback", {}) or {}, holdout_sizes(params.get("holdout")))
     if fb.empty:
         log.warning("no ratings or reviews in this source: the feedback table is empty (real-feedback DPO has no pairs)")
     return fb

@@ -99,6 +99,19 @@ def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     return out
 
 
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE (repeatable) → {dotted key: YAML-typed value}, applied to every row of the study."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. data_prep.holdout.mode=suffix")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def _cli_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -150,6 +163,7 @@ class Study:
             self.base_overrides["data_prep.movielens.path"] = str(path)
         if self.quick:
             self.base_overrides.update(QUICK_OVERRIDES)
+        self.base_overrides.update(parse_set(getattr(args, "set", None) or []))  # every row, e.g. the suffix holdout
         # Every job of this invocation runs the conf/ read here (copied once), so editing conf/ while a long
         # study runs can neither split it across two configurations nor make a cache key lie.
         self.conf = self.out / "work" / f".conf_{os.getpid()}"
@@ -450,6 +464,8 @@ def run_seeds_in_parallel(args: argparse.Namespace, names: list[str], seeds: lis
              "--threads", str(args.threads or 1)]
     child += ["--quick"] * args.quick + ["--reuse-across-code"] * args.reuse_across_code
     child += ["--keep-workspaces"] * args.keep_workspaces
+    for item in getattr(args, "set", None) or []:
+        child += ["--set", item]
     if args.stage_timeout is not None:
         child += ["--stage-timeout", str(args.stage_timeout)]
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -820,6 +836,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="study folder (default data/<env>/quality_study[_quick])")
     parser.add_argument("--shared-data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--stage-timeout", type=float, default=None, help="seconds per stage before it is killed")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a parameter override for every row (repeatable), e.g. --set data_prep.holdout.mode=suffix")
     parser.add_argument("--reuse-across-code", action="store_true", help="cache keys ignore source changes")
     parser.add_argument("--keep-workspaces", action="store_true")
     parser.add_argument("--threads", type=int, default=None,

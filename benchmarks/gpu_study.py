@@ -51,7 +51,6 @@ TINY_OVERRIDES: dict[str, Any] = {
     "sft_train.trainer.eval_steps": 1,
     "sp_dpo_curriculum.prompts_per_stage": 4,
     "rf_dpo.prompts.max_users": 6,
-    "evaluation.max_users.test": 20,
     "evaluation.max_users.valid": 10,
 }
 

@@ -54,7 +54,6 @@ TINY = ",".join(
         "evaluation.beam_width=10",
         "evaluation.top_k=10",  # >= the largest of evaluation.ks
         "evaluation.max_users.valid=10",
-        "evaluation.max_users.test=10",
         "evaluation.bootstrap.n_resamples=20",
         "evaluation.paired_test.n_permutations=50",
     ]

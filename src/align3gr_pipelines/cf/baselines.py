@@ -1,6 +1,7 @@
-"""Non-LM recommenders evaluated beside the LMs: most-popular, item-kNN, and the SASRec model trained by
-the tokenization stage. All are fitted on training interactions only (the items of `train_sequences`),
-score every catalogue item for a history, and share one top-K routine.
+"""Non-LM recommenders evaluated beside the LMs: most-popular, item-kNN, and SASRec (the model trained by
+the tokenization stage with full-softmax CE, and the one evaluation trains with the paper's BCE loss). All
+are fitted on training interactions only (the items of `train_sequences`), score every catalogue item for
+a history, and share one top-K routine.
 """
 from __future__ import annotations
 
@@ -88,16 +89,16 @@ class ItemKNN:
 
 
 class SASRecScorer:
-    """The tokenization stage's SASRec (`score(histories)` → logits over its `item_ids`), re-indexed to the
-    evaluation catalogue; catalogue items SASRec does not know get -inf."""
+    """A trained SASRec (`score(histories)` → logits over its `item_ids`), re-indexed to the evaluation
+    catalogue; catalogue items SASRec does not know get -inf. `dataset` names the checkpoint in errors."""
 
-    def __init__(self, model: Any, item_ids: Sequence[str]):
+    def __init__(self, model: Any, item_ids: Sequence[str], dataset: str = "sasrec_model"):
         self.model = model
         self.item_ids = [str(i) for i in item_ids]
         theirs = {str(i): j for j, i in enumerate(model.item_ids)}
         self.columns = np.array([theirs.get(i, -1) for i in self.item_ids])
         if (self.columns < 0).all():
-            raise ValueError("SASRec baseline: none of the catalogue's item ids is in sasrec_model.item_ids")
+            raise ValueError(f"SASRec baseline: none of the catalogue's item ids (item_scids.id) is in {dataset}.item_ids")
 
     def score(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
         logits = np.asarray(self.model.score([list(map(str, h)) for h in histories]), dtype=np.float64)

@@ -3,7 +3,11 @@ with the item table.
 
 It plays two parts: the tokenizer's frozen collaborative encoder (item CF embedding = its row of the item
 table, user CF embedding = the hidden state at the user's last training position) and evaluation's SASRec
-baseline. Item index 0 is padding; item ``item_ids[j]`` has index ``j + 1``.
+baselines. Item index 0 is padding; item ``item_ids[j]`` has index ``j + 1``.
+
+Two training losses (``fit_sasrec(loss=...)``): ``ce``, the full softmax over the catalogue at every position
+(the stronger model, and the default), and ``bce``, binary cross-entropy against one uniformly sampled
+negative per position, as in the original paper and the LETTER / LC-Rec / TIGER baselines.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from tqdm.auto import tqdm
 
 CONFIG_FILE = "sasrec_config.json"
 WEIGHTS_FILE = "model.safetensors"
+LOSSES = ("ce", "bce")
+ARCHITECTURE = ("hidden_dim", "n_layers", "n_heads", "max_len", "dropout")
 
 
 class _Block(nn.Module):
@@ -186,6 +192,40 @@ def _pad_left(rows: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     return out
 
 
+def sample_negatives(positives: torch.Tensor, n_items: int, generator: torch.Generator) -> torch.Tensor:
+    """One negative per positive item index (1 … n_items), uniform over the n_items - 1 other items: a draw
+    from 1 … n_items - 1 is shifted up by one at or above the positive. Drawn on the CPU with ``generator``
+    (seeded), so a GPU run sees the same negatives."""
+    draw = torch.randint(1, n_items, positives.shape, generator=generator).to(positives.device)
+    return draw + (draw >= positives).long()
+
+
+def ce_loss(model: SASRec, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Full-softmax cross-entropy of each position's next item (h [N, d], labels [N] item indices)."""
+    logits = h @ model.item_embeddings().T
+    return F.cross_entropy(logits.float(), labels - 1)
+
+
+def bce_loss(model: SASRec, h: torch.Tensor, labels: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of -log σ(s⁺) - log(1 - σ(s⁻)): the positive's and one sampled negative's score."""
+    pos = (h * model.item_emb(labels)).sum(-1).float()
+    neg = (h * model.item_emb(negatives)).sum(-1).float()
+    return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
+        neg, torch.zeros_like(neg)
+    )
+
+
+def build_sasrec(item_ids: Sequence[str], config: dict[str, Any]) -> SASRec:
+    """A fresh SASRec with the architecture keys of ``config`` (hidden_dim, n_layers, n_heads, max_len, dropout)."""
+    missing = [k for k in ARCHITECTURE if config.get(k) is None]
+    if missing:
+        raise KeyError(f"SASRec: missing architecture setting(s) {missing}; expected {list(ARCHITECTURE)}")
+    return SASRec(
+        item_ids, hidden_dim=int(config["hidden_dim"]), n_layers=int(config["n_layers"]),
+        n_heads=int(config["n_heads"]), max_len=int(config["max_len"]), dropout=float(config["dropout"]),
+    )
+
+
 def fit_sasrec(
     model: SASRec,
     sequences: Sequence[Sequence[str]],
@@ -198,14 +238,20 @@ def fit_sasrec(
     eval_every: int = 0,
     evaluate: Callable[[SASRec], dict[str, float]] | None = None,
     device: str | torch.device = "cpu",
+    loss: str = "ce",
 ) -> dict[str, Any]:
-    """Next-item training with the full softmax over the catalogue at every position of every window.
+    """Next-item training at every position of every window, with ``loss`` ``ce`` (full softmax over the
+    catalogue, `ce_loss`) or ``bce`` (one sampled negative per position, `bce_loss`).
 
     Returns ``{"curves": {...}, "scalars": {...}}``; ``evaluate(model)`` (e.g. valid recall) is logged every
     ``eval_every`` epochs and at the end, never used to pick a model.
     """
     from align3gr_pipelines.devices import bf16_autocast, resolve_device
 
+    if loss not in LOSSES:
+        raise ValueError(f"SASRec: loss must be one of {list(LOSSES)}, got {loss!r}")
+    if loss == "bce" and len(model.item_ids) < 2:
+        raise ValueError(f"SASRec: loss 'bce' needs >= 2 items (a negative other than the positive), got {len(model.item_ids)}")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)  # on the CPU, so a GPU run sees the same batches
     device = resolve_device(device)
@@ -228,16 +274,19 @@ def fit_sasrec(
             batch = data[order[start : start + batch_size]]
             inputs, labels = batch[:, :-1], batch[:, 1:]
             mask = (inputs > 0) & (labels > 0)
+            positives = labels[mask]
             with bf16_autocast(device):
-                h = model(inputs)
-                logits = h[mask] @ model.item_embeddings().T
-            loss = F.cross_entropy(logits.float(), labels[mask] - 1)
+                h = model(inputs)[mask]
+                if loss == "ce":
+                    batch_loss = ce_loss(model, h, positives)
+                else:
+                    batch_loss = bce_loss(model, h, positives, sample_negatives(positives, len(model.item_ids), gen))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            batch_loss.backward()
             opt.step()
             step += 1
             n = mask.sum()
-            total, count = total + loss.detach() * n, count + n
+            total, count = total + batch_loss.detach() * n, count + n
         curves["sasrec_train_loss"].append([epoch, float(total / count.clamp(min=1))])
         if evaluate is not None and eval_every and (epoch % eval_every == 0 or epoch == epochs):
             for name, value in evaluate(model).items():

@@ -1,5 +1,6 @@
 """The evaluation pipeline through a DataCatalog + SequentialRunner, with and without DPO checkpoints:
-checkpoints load through the real CheckpointDataset (optional: a stage never run loads as None)."""
+checkpoints load through the real CheckpointDataset (optional: a stage never run loads as None). The stage
+also trains the BCE SASRec (`sasrec_bce`) and reuses the rows of a DPO stage that kept its input policy."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +23,19 @@ PARAMS = {
     "splits": ["test", "valid"], "max_users": None, "max_history": 20, "template_id": 0, "ks": [5, 10],
     "top_k": 20, "beam_width": 20, "batch_size": 16, "show_progress": False,
     "baselines": {"most_popular": True, "sasrec": True, "item_knn": {"enabled": True, "neighbors": 20, "shrink": 1.0}},
+    "sasrec_bce": {"epochs": 3, "lr": None},
     "bootstrap": {"n_resamples": 200, "confidence": 0.95}, "paired_test": {"n_permutations": 500},
+}
+TOKENIZATION = {"device": "cpu", "num_threads": None, "collaborative_encoder": {
+    "hidden_dim": 16, "n_layers": 1, "n_heads": 1, "max_len": 20, "dropout": 0.0, "epochs": 2, "batch_size": 64, "lr": 1e-2}}
+# What a DPO stage records in meta["dpo"]: sp_dpo_easy moved away from its input (decoded); sp_dpo_hard's
+# selection kept its input policy (fingerprints equal), which is sp_dpo_easy's since medium is a pass-through.
+DPO_META = {
+    "sp_dpo_model_easy": {"dpo": {"stage": "sp_dpo_easy", "reference_fingerprint": "f-sft", "policy_fingerprint": "f-easy",
+                                  "selected_step": 4}},
+    "sp_dpo_model_medium": {"skipped": True},
+    "sp_dpo_model_hard": {"dpo": {"stage": "sp_dpo_hard", "reference_fingerprint": "f-easy", "policy_fingerprint": "f-easy",
+                                  "selected_step": 0}},
 }
 class KeptDataset(MemoryDataset):
     """An output the runner must not release after its last consumer, so the test can read it."""
@@ -31,9 +44,9 @@ class KeptDataset(MemoryDataset):
         pass
 
 
-BASELINES = ("most_popular", "item_knn", "sasrec")
+BASELINES = ("most_popular", "item_knn", "sasrec", "sasrec_bce")
 OUTPUTS = ["recommendations", "evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json", "evaluation_comparison_plot",
-           "evaluation_stage_report"]
+           "evaluation_stage_report", "sasrec_bce_model"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +55,7 @@ def checkpoints(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("ckpt")
     tok = tiny_data["tokenizer"]
     for k, (dataset, label) in enumerate(LM_STAGES.items()):
-        meta = {"skipped": True} if dataset == "sp_dpo_model_medium" else {}
+        meta = DPO_META.get(dataset, {})
         CheckpointDataset(str(root / dataset), "align3gr_pipelines.lm.rec_lm.RecLM").save(make_rec_lm(tok, 10 + k, label, **meta))
     sasrec = SASRec(tiny_data["items"]["item_id"].tolist(), hidden_dim=16, n_layers=1, max_len=20, dropout=0.0)
     fit_sasrec(sasrec, list(training_sequences(tiny_data["train_sequences"]).values()), epochs=2, batch_size=64, lr=1e-2, seed=0)
@@ -61,6 +74,7 @@ def run(tiny_data, root, present: set[str], tmp_path, params=PARAMS):
     held = [tiny_data[s].assign(split=s, level="liked") for s in ("valid", "test")]
     datasets["feedback"] = MemoryDataset(pd.concat(held).rename(columns={"target": "item_id"})[["user_id", "item_id", "split", "level"]])
     datasets["params:evaluation"] = MemoryDataset(params)
+    datasets["params:tokenization"] = MemoryDataset(TOKENIZATION)
     datasets["params:seed"] = MemoryDataset(7)
     for name in OUTPUTS:
         datasets[name] = KeptDataset(copy_mode="assign")
@@ -88,7 +102,8 @@ def check_common(out, tiny_data, models: list[str]):
     assert per_list["item_id"].nunique().eq(20).all()
     assert "## test (40 users)" in out["evaluation_metrics_md"]
     scalars = out["evaluation_metrics_json"]["scalars"]
-    assert len(scalars) == len(metrics) and not any("@" in k for k in scalars)
+    assert len([k for k in scalars if not k.startswith("time/")]) == len(metrics) and not any("@" in k for k in scalars)
+    assert scalars["time/sasrec_bce/train_seconds"] > 0 and "time/sft/ms_per_user" in scalars
     assert isinstance(out["evaluation_comparison_plot"], Figure)
     # a metric recomputed by hand from the recommendations table (LM scores have no ties)
     sft = recs[(recs["model"] == "sft") & (recs["split"] == "test") & (recs["rank"] <= 10)]
@@ -105,7 +120,17 @@ def check_common(out, tiny_data, models: list[str]):
 
 def test_pipeline_without_dpo_stages(tiny_data, checkpoints, tmp_path):
     out = run(tiny_data, checkpoints, {"sft_model"}, tmp_path)
-    check_common(out, tiny_data, ["most_popular", "item_knn", "sasrec", "sft"])
+    check_common(out, tiny_data, ["most_popular", "item_knn", "sasrec", "sasrec_bce", "sft"])
+    # sasrec_bce: SASRec with the collaborative encoder's architecture, trained here with the BCE loss
+    bce = out["sasrec_bce_model"]
+    assert bce.config == {"hidden_dim": 16, "n_layers": 1, "n_heads": 1, "max_len": 20, "dropout": 0.0}
+    info = {m["model"]: m for m in out["evaluation_metrics_json"]["info"]["models"]}
+    assert info["sasrec_bce"]["loss"] == "bce" and info["sasrec"]["loss"] == "ce"
+    assert info["sasrec_bce"]["train_settings"]["epochs"] == 3  # evaluation.sasrec_bce overrides; nulls inherit
+    assert info["sasrec_bce"]["train_seconds"] > 0 and info["sft"]["decoded"] is True
+    md = out["evaluation_metrics_md"]
+    assert "## Time per model" in md and "| sasrec_bce |" in md and "fitted here in" in md
+    assert md.count("ms / user") == 1  # one timing table
     skipped = {s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]}
     assert skipped == {"sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard"}
     # the LM's recommendations are its constrained beam search on the seq_eval_prompts
@@ -123,8 +148,19 @@ def test_pipeline_without_dpo_stages(tiny_data, checkpoints, tmp_path):
 def test_pipeline_with_dpo_stages(tiny_data, checkpoints, tmp_path):
     out = run(tiny_data, checkpoints, set(LM_STAGES), tmp_path)
     # sp_dpo_medium is marked skipped (an ablation passed it through unchanged): left out of the table
-    check_common(out, tiny_data, ["most_popular", "item_knn", "sasrec", "sft", "sp_dpo_easy", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard"])
+    check_common(out, tiny_data, ["most_popular", "item_knn", "sasrec", "sasrec_bce", "sft", "sp_dpo_easy", "sp_dpo_hard",
+                                  "rf_dpo_easy", "rf_dpo_hard"])
     assert [s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]] == ["sp_dpo_medium"]
+    # sp_dpo_hard kept its input policy: sp_dpo_easy's rows under its own name (its own weights differ here,
+    # so identical rows show it was not decoded), and the run info and Markdown say so
+    recs = out["recommendations"]
+    rows = {m: recs[recs["model"] == m].drop(columns="model").reset_index(drop=True) for m in ("sp_dpo_easy", "sp_dpo_hard")}
+    pd.testing.assert_frame_equal(rows["sp_dpo_hard"], rows["sp_dpo_easy"])
+    info = {m["model"]: m for m in out["evaluation_metrics_json"]["info"]["models"]}
+    assert info["sp_dpo_hard"]["reused_from"] == "sp_dpo_easy" and info["sp_dpo_hard"]["decoded"] is False
+    assert info["sp_dpo_easy"]["decoded"] is True and info["rf_dpo_easy"]["decoded"] is True
+    assert "| sp_dpo_hard | – | – | reused from sp_dpo_easy: selection kept the input policy |" in out["evaluation_metrics_md"]
+    assert out["evaluation_stage_report"]["test"]["sp_dpo_hard"]["changed_share"] == 0.0
 
 
 def test_metrics_are_deterministic_and_skip_the_paired_test_without_sasrec(tiny_data):
@@ -157,6 +193,12 @@ def test_eval_cases_truncate_history_and_sample_users_per_split(tiny_data):
     pd.testing.assert_frame_equal(cases, again)
     with pytest.raises(ValueError, match="splits"):
         build_eval_cases(tiny_data["valid"], tiny_data["test"], {**params, "splits": ["train"]}, seed=5)
+    # the test split is never sampled: any limit on it is refused, by name
+    for limits in ({"test": 10, "valid": None}, 10):
+        with pytest.raises(ValueError, match=r"evaluation\.max_users\.test must be null"):
+            build_eval_cases(tiny_data["valid"], tiny_data["test"], {**params, "max_users": limits}, seed=5)
+    valid_only = build_eval_cases(tiny_data["valid"], tiny_data["test"], {**params, "splits": ["valid"], "max_users": 10}, seed=5)
+    assert len(valid_only) == 10 and (valid_only["split"] == "valid").all()
     # prompts: taken from seq_eval_prompts; a missing one is rebuilt with prompts.seq_prompt; stale ones fail
     prompts = tiny_data["seq_eval_prompts"]
     full = build_eval_prompts(cases, prompts, tiny_data["item_scids"], tiny_data["user_scids"], params)

@@ -3,7 +3,8 @@
 Every recommender (baselines and each LM checkpoint present) ranks the whole item catalogue (the
 `item_scids` table) for every user of the evaluated splits (leave-one-out: one held-out target per user).
 Its top-K goes to `recommendations` (rank is 1-based); `evaluation_metrics` holds Recall/NDCG@K with
-bootstrap CIs and a paired test against SASRec.
+bootstrap CIs and a paired test against SASRec. The test split is always scored in full. A preference stage
+whose selection kept its input policy is not decoded again (`evaluation.stage_reuse`).
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ import torch
 from align3gr_pipelines.cf.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
 from align3gr_pipelines.cf.sasrec import training_sequences
 from align3gr_pipelines.evaluation.report import metric_table, metrics_markdown, plot_comparison  # noqa: F401 (a node)
+from align3gr_pipelines.evaluation.sasrec_bce import bce_settings, train_sasrec_bce
+from align3gr_pipelines.evaluation.stage_reuse import kept_input_policy, reuse_input_rows
+from align3gr_pipelines.evaluation.timing import insert_section, timing_markdown, timing_scalars
 from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, constrained_beam_search
 from align3gr_pipelines.lm.rec_lm import encode_prompt
 from align3gr_pipelines.sft.prompts import seq_prompt
@@ -39,7 +43,7 @@ LM_STAGES: dict[str, str] = {
     "rf_dpo_model_easy": "rf_dpo_easy",
     "rf_dpo_model_hard": "rf_dpo_hard",
 }
-BASELINES = ("most_popular", "item_knn", "sasrec")
+BASELINES = ("most_popular", "item_knn", "sasrec", "sasrec_bce")
 
 
 def _require(df: pd.DataFrame, name: str, columns: list[str]) -> None:
@@ -104,6 +108,11 @@ def build_eval_cases(valid: pd.DataFrame, test: pd.DataFrame, params: dict[str, 
     limits = params.get("max_users")
     if not isinstance(limits, dict):
         limits = {s: limits for s in splits}
+    if limits.get("test") is not None:
+        raise ValueError(
+            f"evaluation.max_users.test must be null, got {limits['test']!r}: the test split is always scored "
+            "over every test user, never a sample (only valid may be sampled, e.g. max_users: {test: null, valid: 200})"
+        )
     keep_rows = np.ones(len(cases), dtype=bool)
     for split, limit in limits.items():
         if split not in splits or limit is None:
@@ -185,17 +194,48 @@ def recommend_item_knn(eval_cases: pd.DataFrame, train_sequences: pd.DataFrame, 
     return _baseline_output("item_knn", eval_cases, ids, idx, val, time.perf_counter() - t0)
 
 
+def _recommend_with_sasrec(name: str, eval_cases: pd.DataFrame, model: Any, dataset: str, item_scids: pd.DataFrame,
+                           params: dict[str, Any]):
+    t0 = time.perf_counter()
+    ids = catalogue_ids(item_scids)
+    idx, val = recommend(SASRecScorer(model, ids, dataset), eval_cases["history"].tolist(), int(params["top_k"]),
+                         desc=name if params.get("show_progress") else None)
+    return _baseline_output(name, eval_cases, ids, idx, val, time.perf_counter() - t0)
+
+
 def recommend_sasrec(eval_cases: pd.DataFrame, sasrec_model: Any, item_scids: pd.DataFrame, params: dict[str, Any]):
+    """The tokenization stage's SASRec (full-softmax CE): the reference of the paired tests."""
     if not params["baselines"].get("sasrec", True):
         return _empty_recs(), {"model": "sasrec", "skipped": "disabled in parameters"}
     if sasrec_model is None:
         log.info("evaluation: SASRec baseline skipped: no sasrec_model checkpoint (run tokenization)")
         return _empty_recs(), {"model": "sasrec", "skipped": "sasrec_model checkpoint not found"}
-    t0 = time.perf_counter()
-    ids = catalogue_ids(item_scids)
-    idx, val = recommend(SASRecScorer(sasrec_model, ids), eval_cases["history"].tolist(), int(params["top_k"]),
-                         desc="SASRec" if params.get("show_progress") else None)
-    return _baseline_output("sasrec", eval_cases, ids, idx, val, time.perf_counter() - t0)
+    recs, info = _recommend_with_sasrec("sasrec", eval_cases, sasrec_model, "sasrec_model", item_scids, params)
+    return recs, {**info, "loss": "ce", "note": "scoring only (fitted by tokenization)"}
+
+
+def fit_sasrec_bce(items: pd.DataFrame, train_sequences: pd.DataFrame, params: dict[str, Any], tokenization: dict[str, Any],
+                   seed: int):
+    """SASRec with the paper's baseline loss (BCE, one sampled negative per position) on `train_sequences`,
+    with `tokenization.collaborative_encoder`'s settings unless `evaluation.sasrec_bce` overrides them;
+    returns the checkpoint and its training log."""
+    _require(items, "items", ["item_id"])
+    settings = bce_settings(params, tokenization)
+    with _torch_threads(settings.get("num_threads") or None):  # 0 / null: torch's default, as in tokenization
+        model, train_log = train_sasrec_bce(items["item_id"].astype(str).tolist(), train_sequences, settings, seed)
+    log.info("evaluation: SASRec (BCE) trained in %.1f s (%d epochs, final train loss %.4f)", train_log["train_seconds"],
+             int(settings["epochs"]), train_log["scalars"]["sasrec_final_train_loss"])
+    return model, train_log
+
+
+def recommend_sasrec_bce(eval_cases: pd.DataFrame, sasrec_bce_model: Any, sasrec_bce_log: dict[str, Any],
+                         item_scids: pd.DataFrame, params: dict[str, Any]):
+    """The SASRec baseline as the paper's baselines train it (`fit_sasrec_bce`), beside `sasrec`."""
+    recs, info = _recommend_with_sasrec("sasrec_bce", eval_cases, sasrec_bce_model, "sasrec_bce_model", item_scids, params)
+    seconds = float(sasrec_bce_log["train_seconds"])
+    return recs, {**info, "loss": "bce", "train_seconds": seconds, "train_settings": sasrec_bce_log.get("settings", {}),
+                  "final_train_loss": float(sasrec_bce_log["scalars"]["sasrec_final_train_loss"]),
+                  "note": f"scoring only; fitted here in {seconds:.1f} s (BCE, 1 sampled negative per position)"}
 
 
 @contextmanager
@@ -224,17 +264,26 @@ def lm_label(default: str, meta: dict[str, Any]) -> str:
 
 
 def recommend_with_lm(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any], *, stage: str):
-    """Constrained beam search of one LM checkpoint over the item catalogue; (recs, info). A checkpoint
-    never written (None) or marked skipped by an ablation is left out, with a log line."""
+    """Constrained beam search of one LM checkpoint over the item catalogue; (recs, info) with the decoding
+    time. A checkpoint never written (None) or marked skipped by an ablation is left out, with a log line. A
+    DPO stage whose selection kept its input policy (`stage_reuse.kept_input_policy`) is not decoded: its
+    info asks `combine_recommendations` for its input policy's rows (unless `evaluation.reuse_kept_input`
+    is false)."""
     name = LM_STAGES[stage]
     if rec_lm is None:
         log.info("evaluation: %s skipped: no %s checkpoint (stage not run)", name, stage)
-        return _empty_recs(), {"model": name, "skipped": f"{stage} checkpoint not found"}
+        return _empty_recs(), {"model": name, "kind": "lm", "stage": stage, "skipped": f"{stage} checkpoint not found"}
     meta = dict(getattr(rec_lm, "meta", {}) or {})
     if meta.get("skipped"):
         log.info("evaluation: %s skipped: %s is marked skipped (ablation pass-through)", name, stage)
-        return _empty_recs(), {"model": name, "skipped": f"{stage} meta.skipped"}
+        return _empty_recs(), {"model": name, "kind": "lm", "stage": stage, "skipped": f"{stage} meta.skipped", "pass_through": True}
     name = lm_label(name, meta)
+    dpo = meta.get("dpo") or {}
+    fingerprints = {"policy_fingerprint": dpo.get("policy_fingerprint"), "reference_fingerprint": dpo.get("reference_fingerprint")}
+    if stage != next(iter(LM_STAGES)) and params.get("reuse_kept_input", True) and kept_input_policy(meta):
+        log.info("evaluation: %s kept its input policy (selected step %s): not decoded", name, dpo.get("selected_step"))
+        return _empty_recs(), {"model": name, "kind": "lm", "stage": stage, "reuse_input": True, "decoded": False,
+                               "seconds": 0.0, "ms_per_user": 0.0, "selected_step": dpo.get("selected_step"), **fingerprints}
     tok = rec_lm.tokenizer
     catalog = SCIDCatalog.from_scids(item_scids, tok)
     ids = [encode_prompt(tok, p) for p in eval_prompts["prompt"]]
@@ -252,9 +301,9 @@ def recommend_with_lm(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.Da
     if invalid:  # cannot happen with a correct decoder; a loud failure beats a silently low score
         raise RuntimeError(f"evaluation: {name}: {invalid} empty recommendation slots from constrained decoding")
     log.info("evaluation: %s decoded %d prompts in %.1f s (%.1f ms/user)", name, len(ids), seconds, 1000 * seconds / max(len(ids), 1))
-    info = {"model": name, "kind": "lm", "stage": stage, "seconds": seconds, "ms_per_user": 1000 * seconds / max(len(ids), 1),
-            "invalid_generations": invalid, "catalogue_items": catalog.n_items,
-            "mean_prompt_tokens": float(np.mean([len(i) for i in ids])) if ids else 0.0}
+    info = {"model": name, "kind": "lm", "stage": stage, "decoded": True, "seconds": seconds,
+            "ms_per_user": 1000 * seconds / max(len(ids), 1), "invalid_generations": invalid, "catalogue_items": catalog.n_items,
+            "mean_prompt_tokens": float(np.mean([len(i) for i in ids])) if ids else 0.0, **fingerprints}
     return _recs_frame(name, eval_prompts, catalog.item_ids, idx_np, score.numpy()), info
 
 
@@ -270,9 +319,11 @@ def lm_node_func(stage: str) -> Callable[..., Any]:
 
 
 def combine_recommendations(*parts: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Arguments alternate (recs, info) per recommender → the `recommendations` table and the run info."""
-    recs = [p for p in parts[0::2] if len(p)]
-    infos = list(parts[1::2])
+    """Arguments alternate (recs, info) per recommender, LM stages in DAG order → the `recommendations` table
+    and the run info; a stage that kept its input policy gets that policy's rows under its own name."""
+    pairs = reuse_input_rows(list(zip(parts[0::2], parts[1::2])))
+    recs = [r for r, _ in pairs if len(r)]
+    infos = [i for _, i in pairs]
     table = pd.concat(recs, ignore_index=True) if recs else _empty_recs()
     table = table.astype({"model": "str", "split": "str", "user_id": "str", "rank": "int64", "item_id": "str", "score": "float64"})
     return table[REC_COLUMNS], {"models": [i for i in infos if not i.get("skipped")], "skipped": [i for i in infos if i.get("skipped")]}
@@ -301,6 +352,7 @@ def compute_metrics(
     if REFERENCE not in order:
         log.info("evaluation: no SASRec row, so no paired test (p_value_vs_sasrec is NaN)")
     scalars = {_mlflow_key(r.split, r.model, r.metric.replace("@", "_at_")): r.value for r in table.itertuples()}
+    scalars.update(timing_scalars(run_info["models"], _mlflow_key))
     if at_end:
         log.warning("evaluation: users whose target ties with the last kept item (the group may run past top_k; "
                     "credit counts its listed part): %s", at_end)
@@ -310,7 +362,10 @@ def compute_metrics(
         "bootstrap": {"n_resamples": n_boot, "confidence": conf}, "paired_test": {"n_permutations": n_perm, "reference": REFERENCE},
         "ties_at_list_end": at_end,
     }
-    return table, metrics_markdown(table, info), {"scalars": scalars, "curves": {}, "info": info}
+    # report.metrics_markdown's own ms/user table gives way to timing_markdown (seconds, ms/user, reuse notes).
+    untimed = {**info, "models": [{k: v for k, v in m.items() if k != "ms_per_user"} for m in info["models"]]}
+    markdown = insert_section(metrics_markdown(table, untimed), timing_markdown(info["models"]))
+    return table, markdown, {"scalars": scalars, "curves": {}, "info": info}
 
 
 def report_preference_stages(

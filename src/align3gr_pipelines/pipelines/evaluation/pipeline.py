@@ -1,5 +1,6 @@
 """The `evaluation` stage wiring: cases and prompts → one recommender node per baseline and per LM
-checkpoint → `recommendations` → metrics table (Parquet, Markdown, JSON) and comparison chart."""
+checkpoint (plus the BCE SASRec it trains, `sasrec_bce_model`) → `recommendations` → metrics table
+(Parquet, Markdown, JSON) and comparison chart."""
 from kedro.pipeline import Pipeline, node
 
 from align3gr_pipelines.pipelines import stage_pipeline
@@ -10,11 +11,13 @@ from .nodes import (
     build_eval_prompts,
     combine_recommendations,
     compute_metrics,
+    fit_sasrec_bce,
     lm_node_func,
     plot_comparison,
     recommend_item_knn,
     recommend_most_popular,
     recommend_sasrec,
+    recommend_sasrec_bce,
     report_preference_stages,
 )
 
@@ -28,12 +31,15 @@ def create_pipeline(**kwargs) -> Pipeline:
              ["eval_recs_item_knn", "eval_info_item_knn"], name="recommend_item_knn"),
         node(recommend_sasrec, ["eval_cases", "sasrec_model", "item_scids", params],
              ["eval_recs_sasrec", "eval_info_sasrec"], name="recommend_sasrec"),
+        node(recommend_sasrec_bce, ["eval_cases", "sasrec_bce_model", "sasrec_bce_log", "item_scids", params],
+             ["eval_recs_sasrec_bce", "eval_info_sasrec_bce"], name="recommend_sasrec_bce"),
     ]
     for dataset, label in LM_STAGES.items():
         recommenders.append(
             node(lm_node_func(dataset), [dataset, "eval_prompts", "item_scids", params],
                  [f"eval_recs_{label}", f"eval_info_{label}"], name=f"recommend_{label}")
         )
+    # LM stages last and in DAG order: combine_recommendations reuses a stage's input rows by that order.
     parts = [name for n in recommenders for name in n.outputs]
     return stage_pipeline(
         "evaluation",
@@ -41,6 +47,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             node(build_eval_cases, ["valid", "test", params, "params:seed"], "eval_cases", name="build_eval_cases"),
             node(build_eval_prompts, ["eval_cases", "seq_eval_prompts", "item_scids", "user_scids", params],
                  "eval_prompts", name="build_eval_prompts"),
+            node(fit_sasrec_bce, ["items", "train_sequences", params, "params:tokenization", "params:seed"],
+                 ["sasrec_bce_model", "sasrec_bce_log"], name="fit_sasrec_bce"),
             *recommenders,
             node(combine_recommendations, parts, ["recommendations", "eval_run_info"], name="combine_recommendations"),
             node(compute_metrics, ["recommendations", "eval_cases", "eval_run_info", params, "params:seed"],

@@ -25,6 +25,18 @@ def _as_list_matrix(rec_items: Sequence[Sequence[object]] | np.ndarray) -> np.nd
     return arr
 
 
+def case_key(frame: pd.DataFrame) -> pd.Series:
+    """What identifies one evaluated case: the user, and with a `case` column (the held-out position; a
+    suffix holdout has several per user) the user and that position."""
+    users = frame["user_id"].astype(str)
+    return users + "\x1f" + frame["case"].astype(str) if "case" in frame.columns else users
+
+
+def case_lists(recs: pd.DataFrame, cases: pd.DataFrame, min_width: int) -> tuple[np.ndarray, np.ndarray]:
+    """`list_matrix` of one model's lists in the order of the rows of `cases`, matched by `case_key`."""
+    return list_matrix(recs.assign(user_id=case_key(recs)), case_key(cases).reset_index(drop=True), min_width)
+
+
 def list_matrix(recs: pd.DataFrame, users: pd.Series, min_width: int) -> tuple[np.ndarray, np.ndarray]:
     """[n_users, width] item ids (None = empty) and scores (-inf) of one model's lists (columns user_id, rank,
     item_id, score), in `users` order; a user without rows keeps an empty list. width is the larger of

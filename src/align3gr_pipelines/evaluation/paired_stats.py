@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines.evaluation.metrics import list_matrix, ranking_metrics
+from align3gr_pipelines.evaluation.metrics import case_lists, ranking_metrics
 
 
 @dataclass(frozen=True)
@@ -111,17 +111,12 @@ def per_case_metrics(recommendations: pd.DataFrame, cases: pd.DataFrame, ks: tup
     several = "case" in cases.columns
     if several and "case" not in recommendations.columns:
         raise ValueError("per-case metrics: the cases have a 'case' column and the recommendations do not")
-
-    def key(df: pd.DataFrame) -> pd.Series:
-        users = df["user_id"].astype(str)
-        return users + "\x1f" + df["case"].astype(str) if several else users
-
     frames = []
     for split, part in cases.groupby("split", sort=False):
         part = part.reset_index(drop=True)
         recs = recommendations[recommendations["split"] == split]
         for model, mine in recs.groupby("model", sort=False):
-            items, scores = list_matrix(mine.assign(user_id=key(mine)), key(part), max(ks))
+            items, scores = case_lists(mine if several else mine.drop(columns="case", errors="ignore"), part, max(ks))
             values = ranking_metrics(items, part["target"].astype(str).tolist(), ks, scores)
             frames.append(pd.DataFrame({"model": model, "split": split, "user_id": part["user_id"].astype(str),
                                         "case": part["case"] if several else 0, **values}))

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from align3gr_pipelines.evaluation.metrics import (
     bootstrap_ci,
-    list_matrix,
+    case_lists,
     paired_permutation_test,
     ranking_metrics,
     tie_group_at_list_end,
@@ -30,13 +30,13 @@ def metric_table(
     rows: list[dict[str, Any]] = []
     truncated: dict[tuple[str, str], np.ndarray] = {}
     for split, cases in eval_cases.groupby("split", sort=False):
-        users = cases["user_id"].reset_index(drop=True)
+        n_cases = len(cases)
         recs = recommendations[recommendations["split"] == split]
         per_user: dict[str, dict[str, np.ndarray]] = {}
         for model in models:
             mine = recs[recs["model"] == model]
             # The tie rule runs over the whole kept list (top_k), not a list cut at max(ks).
-            items, scores = list_matrix(mine, users, max(ks))
+            items, scores = case_lists(mine, cases, max(ks))
             per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
             truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
         if not per_user:
@@ -54,7 +54,7 @@ def metric_table(
         for j, (model, name) in enumerate(series):
             rows.append({"model": model, "split": split, "metric": name, "value": float(values[:, j].mean()),
                          "ci_low": float(low[j]), "ci_high": float(high[j]), "p_value_vs_sasrec": float(pvals[j]),
-                         "n_users": int(len(users))})
+                         "n_users": int(n_cases)})
     table = pd.DataFrame(rows, columns=METRIC_COLUMNS).astype({"n_users": "int64"})
     at_end = {f"{s}/{m}": int(v.sum()) for (s, m), v in truncated.items() if v.any()}
     return table, at_end

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from align3gr_pipelines.evaluation.metrics import bootstrap_ci, list_matrix, paired_permutation_test, recall_at_k
+from align3gr_pipelines.evaluation.metrics import bootstrap_ci, case_lists, paired_permutation_test, recall_at_k
 
 CHAIN = ("sft", "sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard")
 LEVELS = ("liked", "neutral", "disliked")
@@ -64,12 +64,12 @@ def stage_report(
     for split, cases in eval_cases.groupby("split", sort=False):
         users = cases["user_id"].astype(str).reset_index(drop=True)
         recs = recommendations[recommendations["split"] == split]
-        recs = recs.assign(user_id=recs["user_id"].astype(str), item_id=recs["item_id"].astype(str))
+        recs = recs.assign(item_id=recs["item_id"].astype(str))
         lists, hits = {}, {}
         for m in present:
             mine = recs[recs["model"] == m]
             # The whole kept list, as in evaluation's metrics: a tie group straddling K gets its share.
-            items, scores = list_matrix(mine, users, k)
+            items, scores = case_lists(mine, cases, k)
             lists[m] = items[:, :k]
             hits[m] = recall_at_k(items, cases["target"].astype(str).tolist(), k, scores)
         lv = levels.loc[cases.index].to_numpy()

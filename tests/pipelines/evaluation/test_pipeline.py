@@ -85,7 +85,7 @@ def run(tiny_data, root, present: set[str], tmp_path, params=PARAMS):
 
 def check_common(out, tiny_data, models: list[str]):
     recs, metrics = out["recommendations"], out["evaluation_metrics"]
-    assert list(recs.columns) == ["model", "split", "user_id", "rank", "item_id", "score"]
+    assert list(recs.columns) == ["model", "split", "user_id", "case", "rank", "item_id", "score"]
     assert list(metrics.columns) == ["model", "split", "metric", "value", "ci_low", "ci_high", "p_value_vs_sasrec", "n_users"]
     assert list(dict.fromkeys(metrics["model"])) == models
     assert len(metrics) == len(models) * 2 * 4

@@ -32,7 +32,7 @@ from align3gr_pipelines.sft.prompts import seq_prompt
 
 log = logging.getLogger(__name__)
 
-REC_COLUMNS = ["model", "split", "user_id", "rank", "item_id", "score"]
+REC_COLUMNS = ["model", "split", "user_id", "case", "rank", "item_id", "score"]
 REFERENCE = "sasrec"
 # LM checkpoints in DAG order, and the row each becomes in the table.
 LM_STAGES: dict[str, str] = {
@@ -53,7 +53,13 @@ def _require(df: pd.DataFrame, name: str, columns: list[str]) -> None:
 
 
 def _empty_recs() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(REC_COLUMNS, ["str", "str", "str", "int64", "str", "float64"])})
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(REC_COLUMNS, ["str", "str", "str", "int64", "int64", "str", "float64"])})
+
+
+def _case_of(cases: pd.DataFrame) -> np.ndarray:
+    """Each row's held-out position: `case` of eval cases, `position` of seq_eval_prompts, else 0."""
+    column = "case" if "case" in cases.columns else "position" if "position" in cases.columns else None
+    return cases[column].to_numpy().astype("int64") if column else np.zeros(len(cases), "int64")
 
 
 def _recs_frame(model: str, cases: pd.DataFrame, item_ids: list[str], idx: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
@@ -66,6 +72,7 @@ def _recs_frame(model: str, cases: pd.DataFrame, item_ids: list[str], idx: np.nd
             "model": model,
             "split": cases["split"].to_numpy()[rows],
             "user_id": cases["user_id"].to_numpy()[rows],
+            "case": _case_of(cases)[rows],
             "rank": (cols + 1).astype("int64") if k else np.zeros(0, "int64"),
             "item_id": items[idx[rows, cols]],
             "score": scores[rows, cols].astype("float64"),
@@ -85,7 +92,8 @@ def catalogue_ids(item_scids: pd.DataFrame) -> list[str]:
 
 
 def build_eval_cases(valid: pd.DataFrame, test: pd.DataFrame, params: dict[str, Any], seed: int) -> pd.DataFrame:
-    """One row per (split, user): split, user_id, history (the last max_history items), target."""
+    """One row per held-out case: split, user_id, case (its position in the user's sequence: one case per
+    user under leave-one-out, several under a suffix holdout), history (the last max_history items), target."""
     splits = list(params.get("splits", ["test", "valid"]))
     frames = {"valid": valid, "test": test}
     unknown = [s for s in splits if s not in frames]
@@ -96,11 +104,13 @@ def build_eval_cases(valid: pd.DataFrame, test: pd.DataFrame, params: dict[str, 
     for split in splits:
         df = frames[split]
         _require(df, split, ["user_id", "history", "target"])
-        if df["user_id"].duplicated().any():
-            raise ValueError(f"evaluation: {split} has several rows for one user; leave-one-out expects one per user")
+        case = df["position"].astype("int64").to_numpy() if "position" in df.columns else np.zeros(len(df), "int64")
+        if pd.DataFrame({"u": df["user_id"].astype(str).to_numpy(), "c": case}).duplicated().any():
+            raise ValueError(f"evaluation: {split} has several rows for one (user_id, position); expected one per held-out case")
         out.append(pd.DataFrame({
             "split": split,
             "user_id": df["user_id"].astype(str).to_numpy(),
+            "case": case,
             "history": [[str(i) for i in list(h)[-keep:]] if keep > 0 else [] for h in df["history"]],
             "target": df["target"].astype(str).to_numpy(),
         }))
@@ -127,7 +137,8 @@ def build_eval_cases(valid: pd.DataFrame, test: pd.DataFrame, params: dict[str, 
             keep_rows &= ~in_split | cases["user_id"].isin(picked).to_numpy()
             log.info("evaluation: %s on a seeded sample of %d of %d users (max_users)", split, int(limit), len(users))
     cases = cases[keep_rows].reset_index(drop=True)
-    log.info("evaluation: %s", ", ".join(f"{s}: {n} users" for s, n in cases.groupby("split", sort=False).size().items()))
+    log.info("evaluation: %s", ", ".join(f"{s}: {len(g)} cases of {g['user_id'].nunique()} users"
+                                         for s, g in cases.groupby("split", sort=False)))
     return cases
 
 
@@ -139,10 +150,13 @@ def build_eval_prompts(
     A case without one gets `prompts.seq_prompt` over its history and the user's SCID (logged)."""
     _require(seq_eval_prompts, "seq_eval_prompts", ["user_id", "split", "prompt", "target"])
     p = seq_eval_prompts.assign(user_id=seq_eval_prompts["user_id"].astype(str), target=seq_eval_prompts["target"].astype(str))
-    if p.duplicated(["split", "user_id"]).any():
-        log.warning("evaluation: seq_eval_prompts has several prompts per (split, user); the first is used")
-        p = p.drop_duplicates(["split", "user_id"])
-    merged = eval_cases.merge(p[["split", "user_id", "prompt", "target"]], on=["split", "user_id"], how="left", suffixes=("", "_prompt"))
+    # Prompts carry their held-out position (sft_data since 2026-12-03); older ones are one per (split, user).
+    key = ["split", "user_id", "case"] if "position" in p.columns and (p["position"] >= 0).all() else ["split", "user_id"]
+    p = p.assign(case=p["position"]) if "case" in key else p
+    if p.duplicated(key).any():
+        log.warning("evaluation: seq_eval_prompts has several prompts per %s; the first is used", tuple(key))
+        p = p.drop_duplicates(key)
+    merged = eval_cases.merge(p[[*key, "prompt", "target"]], on=key, how="left", suffixes=("", "_prompt"))
     has = merged["prompt"].notna()
     stale = has & (merged["target_prompt"] != merged["target"])
     if stale.any():
@@ -161,7 +175,7 @@ def build_eval_prompts(
             for h, u in zip(missing["history"], missing["user_id"])
         ]
         log.warning("evaluation: %d of %d cases have no seq_eval_prompts row; built with prompts.seq_prompt", int((~has).sum()), len(merged))
-    return merged[["split", "user_id", "prompt", "target"]]
+    return merged[["split", "user_id", "case", "prompt", "target"]]
 
 
 # ---- recommenders ----
@@ -325,7 +339,7 @@ def combine_recommendations(*parts: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     recs = [r for r, _ in pairs if len(r)]
     infos = [i for _, i in pairs]
     table = pd.concat(recs, ignore_index=True) if recs else _empty_recs()
-    table = table.astype({"model": "str", "split": "str", "user_id": "str", "rank": "int64", "item_id": "str", "score": "float64"})
+    table = table.astype({"model": "str", "split": "str", "user_id": "str", "case": "int64", "rank": "int64", "item_id": "str", "score": "float64"})
     return table[REC_COLUMNS], {"models": [i for i in infos if not i.get("skipped")], "skipped": [i for i in infos if i.get("skipped")]}
 
 

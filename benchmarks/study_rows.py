@@ -95,9 +95,40 @@ RUNS: dict[str, Run] = {
     ]
 }
 
+# Per-env additions to a run's overrides, applied after the run's own (`overrides_in_env`). On Instruments the
+# paper's TIGER and LC-Rec rows (its Table 1, taken from the LC-Rec / LETTER line) used LC-Rec's released
+# item codes as item IDs; instruments_cpu has them (Instruments.index.json), so our TIGER- and LC-Rec-like rows
+# use them as item SCIDs too (tokenization.item_scids_from, conf/base/parameters_tokenization.yml).
+ENV_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "instruments_cpu": {
+        "tiger": {"tokenization.item_scids_from": "lcrec_index"},
+        "lcrec": {"tokenization.item_scids_from": "lcrec_index"},
+    },
+}
+
+
+def overrides_in_env(run: Run, env: str) -> dict[str, Any]:
+    """The run's overrides plus what ENV_OVERRIDES adds for it in `env`."""
+    return {**run.overrides, **ENV_OVERRIDES.get(env, {}).get(run.name, {})}
+
+
+# Per-env stand-ins for a report line's model: in instruments_cpu the release has no ratings, RF-DPO is
+# skipped (its stages are left out of the evaluation table), so the full Align3GR of Table 1 is the last
+# SP-DPO stage there. The RF-DPO lines stay "not run".
+LINE_MODEL_IN_ENV: dict[str, dict[tuple[str, str], str]] = {
+    "instruments_cpu": {("Table 1: overall", "Align3GR (full)"): "sp_dpo_hard"},
+}
+
+
+def line_model(line: "Line", env: str) -> str:
+    """The model a report line reads in `env` (its own unless LINE_MODEL_IN_ENV says otherwise)."""
+    return LINE_MODEL_IN_ENV.get(env, {}).get((line.table, line.label), line.model)
+
+
 LINES: list[Line] = [
     Line("Table 1: overall", "Most popular", "full", "most_popular"),
     Line("Table 1: overall", "Item-kNN", "full", "item_knn"),
+    Line("Table 1: overall", "SASRec (BCE, 1 negative: the paper's baseline)", "full", "sasrec_bce"),
     Line("Table 1: overall", "SASRec", "full", "sasrec"),
     Line("Table 1: overall", "TIGER-like", "tiger", "sft"),
     Line("Table 1: overall", "LC-Rec-like", "lcrec", "sft"),
@@ -173,6 +204,9 @@ def all_overrides() -> dict[str, Any]:
     keys: dict[str, Any] = dict(QUICK_OVERRIDES)
     for run in RUNS.values():
         keys.update(run.overrides)
+    for by_run in ENV_OVERRIDES.values():
+        for extra in by_run.values():
+            keys.update(extra)
     return keys
 
 
@@ -187,3 +221,10 @@ def validate() -> None:
         for key in run.overrides:
             if key.split(".", 1)[0] not in run.stages:
                 raise ValueError(f"run {run.name!r} overrides {key!r} of a stage it does not run")
+    for env, by_run in ENV_OVERRIDES.items():
+        for name, extra in by_run.items():
+            if name not in RUNS:
+                raise ValueError(f"ENV_OVERRIDES[{env!r}] names unknown run {name!r}")
+            for key in extra:
+                if key.split(".", 1)[0] not in RUNS[name].stages:
+                    raise ValueError(f"ENV_OVERRIDES[{env!r}][{name!r}] overrides {key!r} of a stage the run does not run")

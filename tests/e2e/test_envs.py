@@ -1,5 +1,6 @@
-"""The ml_latest_small and instruments envs load and resolve as `kedro run --env <env>` would, and every
-row of the quality study (benchmarks/study_rows.py) overrides parameters that exist. No training."""
+"""The ml_latest_small, instruments and instruments_cpu envs load and resolve as `kedro run --env <env>`
+would, and every row of the quality study (benchmarks/study_rows.py) overrides parameters that exist. No
+training."""
 from __future__ import annotations
 
 import sys
@@ -16,7 +17,7 @@ import study_rows  # noqa: E402
 
 @pytest.fixture(scope="module")
 def env_params() -> dict[str, dict]:
-    return {env: quality_study.load_parameters(env) for env in ("ml_latest_small", "instruments")}
+    return {env: quality_study.load_parameters(env) for env in ("ml_latest_small", "instruments", "instruments_cpu")}
 
 
 def test_ml_latest_small_env_resolves(env_params):
@@ -45,6 +46,32 @@ def test_instruments_env_is_the_papers_setting(env_params, monkeypatch):
     assert hf["name_or_path"] == "/models/Llama-2-7b-hf" and not hf["gguf_file"]
 
 
+def test_instruments_cpu_env_is_the_papers_data_at_cpu_sizes(env_params):
+    """The paper's Instruments data and SCID shape, item content from LC-Rec's codes (no item text in the
+    release), a scratch LM, its own data root."""
+    p, gpu = env_params["instruments_cpu"], env_params["instruments"]
+    assert p["data_prep"] == gpu["data_prep"]  # the same data as the paper's-setting env
+    tok = p["tokenization"]
+    assert tok["semantic_encoder"]["item_features"] == "lcrec_codes" and tok["item_scids_from"] == "rq_vae"
+    index = Path(tok["semantic_encoder"]["lcrec_index"])
+    assert index.name == "Instruments.index.json" and index.parent == Path(p["data_prep"]["lcrec_json"]["path"])
+    if (REPO / index).parent.is_dir():  # ../shared/data is outside the repository
+        assert (REPO / index).is_file()
+    rq = tok["rq_vae"]
+    assert (rq["levels"], rq["codebook_size"], rq["latent_dim"], rq["min_items_per_code"]) == (3, 256, 32, None)
+    assert tok["num_threads"] == 1 and tok["device"] == "cpu"
+    assert p["sft_train"]["backbone"]["kind"] == "scratch"
+    assert p["sft_train"]["trainer"]["output_dir"] == "data/instruments_cpu/06_models/sft_train_work"
+    assert p["sp_dpo_curriculum"]["n_negatives"] == 20 and p["rf_dpo"]["n_rejected"] == 20
+    assert p["sp_dpo_curriculum"]["decoding"]["beam_width"] == 20 and p["evaluation"]["beam_width"] == 20
+    # every test user is scored (the paper's protocol)
+    assert p["evaluation"]["max_users"]["test"] is None and p["evaluation"]["max_history"] == 20
+    # the defaults elsewhere keep text features and RQ-VAE item SCIDs
+    for env in ("ml_latest_small", "instruments"):
+        assert env_params[env]["tokenization"]["semantic_encoder"]["item_features"] == "text"
+        assert env_params[env]["tokenization"]["item_scids_from"] == "rq_vae"
+
+
 def test_every_study_row_overrides_existing_parameters(env_params):
     study_rows.validate()
     p = env_params["ml_latest_small"]
@@ -52,6 +79,17 @@ def test_every_study_row_overrides_existing_parameters(env_params):
         quality_study.apply_overrides(p, {**study_rows.QUICK_OVERRIDES, **run.overrides})
     assert set(study_rows.QUICK_RUNS) <= set(study_rows.RUNS)
     assert {line.run for line in study_rows.LINES} <= set(study_rows.RUNS)
+
+
+def test_instruments_cpu_tiger_and_lcrec_rows_use_lcrec_codes_as_item_ids(env_params):
+    """On Instruments the paper's TIGER / LC-Rec rows used LC-Rec's released codes as item IDs; so do ours, in
+    that env only, and every row still overrides parameters that exist there."""
+    p = env_params["instruments_cpu"]
+    for run in study_rows.RUNS.values():
+        resolved = quality_study.apply_overrides(p, study_rows.overrides_in_env(run, "instruments_cpu"))
+        expected = "lcrec_index" if run.name in ("tiger", "lcrec") else "rq_vae"
+        assert resolved["tokenization"]["item_scids_from"] == expected
+        assert study_rows.overrides_in_env(run, "ml_latest_small") == run.overrides
 
 
 def test_a_misspelt_override_is_an_error(env_params):
@@ -116,7 +154,7 @@ def _keys(tree: dict, prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("env", ["ml_latest_small", "instruments"])
+@pytest.mark.parametrize("env", ["ml_latest_small", "instruments", "instruments_cpu"])
 def test_env_files_only_override_keys_that_exist_in_base(env):
     """With the soft merge an env key that a stage renamed would be silently ignored; catch it here."""
     import yaml
@@ -131,7 +169,7 @@ def test_env_files_only_override_keys_that_exist_in_base(env):
     assert overrides - base == set(), f"conf/{env} names parameters that conf/base does not have"
 
 
-@pytest.mark.parametrize("env", ["base", "ml_latest_small", "ml_latest_small_gpu", "instruments", "smollm2"])
+@pytest.mark.parametrize("env", ["base", "ml_latest_small", "ml_latest_small_gpu", "instruments", "instruments_cpu", "smollm2"])
 def test_dpo_prompts_show_as_many_history_items_as_the_sft_prompts(env):
     """SP-DPO and RF-DPO train on prompts shaped like SFT's (and evaluation's seq_eval_prompts). The
     2026-11-30 ml_latest_small study ran SFT at 20 items and both DPO levels at the base's 10."""

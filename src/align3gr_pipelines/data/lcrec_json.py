@@ -5,6 +5,10 @@
 - ``{name}.user.json`` (optional): ``{user: "text"}``, ``{user: {"profile": "text"}}``, or LC-Rec's
   ``{"user_explicit_preference": {user: [text, ...]}, ...}`` (only the explicit preferences are used: LC-Rec's
   "vague intentions" are written from the target item and would leak it).
+- ``{name}.index.json`` (optional, not read by data_prep): LC-Rec's item codes, ``{item: ["<a_12>", "<b_200>",
+  ...]}``, one token per level. ``read_lcrec_index`` reads it for the tokenization stage (item features from
+  the codes where items have no text, or the codes themselves as item SCIDs); data_prep only notes that it
+  is there.
 
 Timestamps are the position in the user's list (the order is all the release keeps).
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -21,6 +26,8 @@ from .errors import DataPrepError, MalformedLines
 from .textio import open_text, require_file
 
 log = logging.getLogger(__name__)
+
+_CODE_RE = re.compile(r"^<([a-z])_(\d+)>$")
 
 
 def _read_json(path: Path) -> object:
@@ -109,6 +116,10 @@ def load_lcrec_json(path: str | None, name: str | None, malformed: str = "skip")
                 v = v.get("profile", v.get("text"))
             rows.append((str(user), _text(v)))
         profiles = pd.DataFrame(rows, columns=["user_id", "profile"])
+    xp = folder / f"{name}.index.json"
+    if xp.is_file():
+        notes.append(f"{xp}: LC-Rec's item codes are there; tokenization can use them "
+                     "(tokenization.semantic_encoder.item_features: lcrec_codes, tokenization.item_scids_from: lcrec_index)")
     for note in notes:
         log.warning(note)
     skipped = {c.path: c.count for c in (bad, mbad) if c is not None and c.count}
@@ -120,3 +131,43 @@ def load_lcrec_json(path: str | None, name: str | None, malformed: str = "skip")
         report={"source": "lcrec_json", "interactions_file": str(ip), "items_file": str(mp), "users_file": str(up),
                 "malformed_lines_skipped": skipped, "notes": notes},
     )
+
+
+def _code(token: object, level: int, item: str, path: Path) -> int:
+    """``"<a_12>"`` at level 0 -> 12 (the letter must be the level's: a, b, c, ...); a plain int passes."""
+    if isinstance(token, int) and not isinstance(token, bool) and token >= 0:
+        return token
+    m = _CODE_RE.match(str(token).strip())
+    if m is None or ord(m.group(1)) - ord("a") != level:
+        raise DataPrepError(
+            f"{path}: item {item!r}, level {level}: expected a code token like '<{chr(ord('a') + level)}_12>' "
+            f"(LC-Rec's index format) or a non-negative int, got {token!r}"
+        )
+    return int(m.group(2))
+
+
+def read_lcrec_index(path: str | Path) -> dict[str, list[int]]:
+    """LC-Rec's ``{name}.index.json`` -> ``{item_id: [code of level 0, level 1, ...]}``.
+
+    Every item must have the same number of levels; item ids are strings, as in the canonical tables.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataPrepError(f"{p}: LC-Rec index file not found; expected {{item: ['<a_12>', '<b_200>', ...]}} "
+                            "(LC-Rec's {name}.index.json, parameter tokenization.semantic_encoder.lcrec_index)")
+    raw = _read_json(p)
+    if not isinstance(raw, dict) or not raw:
+        raise DataPrepError(f"{p}: expected a non-empty JSON object mapping item id to its list of code tokens, "
+                            f"got {type(raw).__name__}")
+    out: dict[str, list[int]] = {}
+    n_levels: int | None = None
+    for item, tokens in raw.items():
+        if not isinstance(tokens, list) or not tokens:
+            raise DataPrepError(f"{p}: item {item!r}: expected a non-empty list of code tokens, got {str(tokens)[:60]}")
+        if n_levels is None:
+            n_levels = len(tokens)
+        elif len(tokens) != n_levels:
+            raise DataPrepError(f"{p}: item {item!r} has {len(tokens)} code levels, the first item {n_levels}; "
+                                "expected the same number of levels for every item")
+        out[str(item)] = [_code(t, level, str(item), p) for level, t in enumerate(tokens)]
+    return out

@@ -20,7 +20,8 @@ def quality_table(scid_report: dict[str, Any], sc_log: dict[str, Any]) -> tuple[
                 scalars[f"{side}_l{u['level']}_{metric}"] = u[metric]
         overall = {
             "codebook_size": entry["codebook_size"],
-            "reconstruction_loss": entry["reconstruction_loss"],
+            # absent where the codes were not quantised here (item SCIDs taken from LC-Rec's index)
+            **({"reconstruction_loss": entry["reconstruction_loss"]} if "reconstruction_loss" in entry else {}),
             "colliding_before": entry["before"]["colliding"],
             "collision_rate_before": entry["before"]["collision_rate"],
             "colliding_after": entry["after"]["colliding"],

@@ -10,6 +10,11 @@ trained codebooks and stays as close as possible to what the quantiser meant.
 
 Only if that still leaves collisions does every item get one extra level: its rank among the items sharing
 its SCID (0 for all others), so lengths stay equal. The report says how many items each step touched.
+
+Method (``lowest_free_last_code``, ``resolve_fixed_collisions``): for codes with no quantiser behind them
+(LC-Rec's released item index used as item SCIDs), so no distortion to minimise. In each group of identical
+SCIDs the first item in table order keeps its codes; each other one takes the lowest last-level code that no
+item under the same prefix uses. The extra level is again the last resort (a prefix whose last level is full).
 """
 from __future__ import annotations
 
@@ -129,6 +134,12 @@ def resolve_collisions(
         moved = _reassign_tails(codes, residuals, codebooks, tail)
         report[f"items_reassigned_tail{tail}"] = moved
         report["items_reassigned"] += moved  # moves, an item moved at both depths counts twice
+    return _finish(original, codes, report)
+
+
+def _finish(original: np.ndarray, codes: np.ndarray, report: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """The last resort (an extra level: rank among the items still sharing a SCID) and the report's totals."""
+    n, levels = original.shape
     still = colliding_mask(codes)
     if still.any():
         inverse = _group_ids(codes)
@@ -146,3 +157,46 @@ def resolve_collisions(
     report["items_touched"] = int(changed.sum())
     report["levels"] = int(codes.shape[1])
     return codes, report
+
+
+def resolve_fixed_collisions(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """codes [n, L] given from outside (no residuals, no codebooks) -> unique codes [n, L] (or [n, L+1] in the
+    fallback) and a report with the keys of ``resolve_collisions``' report.
+
+    The first item of each group of identical SCIDs (table order) keeps its codes; every other one moves to the
+    lowest last-level code in [0, codebook_size) unused under its prefix (the first L-1 codes).
+    """
+    original = np.asarray(codes, dtype=np.int64)
+    if original.ndim != 2 or original.shape[1] < 1:
+        raise ValueError(f"resolve_fixed_collisions: expected codes of shape [n_items, levels >= 1], got {original.shape}")
+    if len(original) and (original.min() < 0 or original.max() >= codebook_size):
+        raise ValueError(f"resolve_fixed_collisions: codes must lie in [0, {codebook_size}), got "
+                         f"[{int(original.min())}, {int(original.max())}]")
+    codes = original.copy()
+    report: dict[str, Any] = {
+        "method": "lowest_free_last_code",
+        "colliding_items_before": int(colliding_mask(codes).sum()),
+        "items_reassigned": 0,
+        "extra_level_added": False,
+        "items_with_extra_code": 0,
+    }
+    clash = colliding_mask(codes)
+    if clash.any():
+        prefix_of = _group_ids(codes[:, :-1])
+        used: dict[int, set[int]] = {}
+        for p, last in zip(prefix_of, codes[:, -1]):
+            used.setdefault(int(p), set()).add(int(last))
+        kept: set[tuple[int, ...]] = set()
+        for row in np.flatnonzero(clash):
+            key = tuple(int(c) for c in codes[row])
+            if key not in kept:
+                kept.add(key)  # the first item of the group keeps its SCID
+                continue
+            taken = used[int(prefix_of[row])]
+            free = next((c for c in range(codebook_size) if c not in taken), None)
+            if free is None:
+                continue  # this prefix's last level is full: left to the extra level
+            codes[row, -1] = free
+            taken.add(free)
+            report["items_reassigned"] += 1
+    return _finish(original, codes, report)

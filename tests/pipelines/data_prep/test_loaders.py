@@ -7,6 +7,7 @@ import pytest
 
 from align3gr_pipelines.data.canonical import canonicalize
 from align3gr_pipelines.data.errors import DataPrepError
+from align3gr_pipelines.data.lcrec_json import read_lcrec_index
 from align3gr_pipelines.data.sources import load_source
 from align3gr_pipelines.data.splitting import leave_one_out
 
@@ -136,6 +137,38 @@ def test_lcrec_json_bad_input(lcrec):
         load_source(p, 0)
 
 
+def test_lcrec_index_is_noted_and_read(lcrec):
+    """data_prep does not read {name}.index.json (its tables stay as they were) but says it is there;
+    read_lcrec_index gives tokenization the codes as ints, one list per item, levels in order."""
+    p = params(source="lcrec_json", lcrec_json={"path": str(lcrec)})
+    before = prepare(p)[1]
+    index = {str(i): [f"<a_{i % 2}>", f"<b_{i}>", "<c_7>"] for i in range(5)}
+    write(lcrec / "Tiny.index.json", json.dumps(index))
+    items, users, inter, report = prepare(p)[1]
+    for a, b in zip(before[:3], (items, users, inter)):
+        assert a.equals(b)
+    assert any("Tiny.index.json" in n and "item_features: lcrec_codes" in n for n in report["notes"])
+    assert read_lcrec_index(lcrec / "Tiny.index.json") == {str(i): [i % 2, i, 7] for i in range(5)}
+    assert read_lcrec_index(write(lcrec / "ints.json", json.dumps({"7": [3, 4]}))) == {"7": [3, 4]}
+
+
+@pytest.mark.parametrize("content, expect", [
+    ('{"0": ["<a_1>", "<b_2>"], "1": ["<a_1>"]}', r"bad.json: item '1' has 1 code levels, the first item 2"),
+    ('{"0": ["<b_1>", "<a_2>"]}', r"bad.json: item '0', level 0: expected a code token like '<a_12>'"),
+    ('{"0": ["<a_x>"]}', r"bad.json: item '0', level 0: expected a code token"),
+    ('{"0": "<a_1>"}', r"bad.json: item '0': expected a non-empty list of code tokens"),
+    ('[1, 2]', r"bad.json: expected a non-empty JSON object mapping item id"),
+])
+def test_lcrec_index_errors_name_the_file_and_what_was_expected(tmp_path, content, expect):
+    with pytest.raises(DataPrepError, match=expect):
+        read_lcrec_index(write(tmp_path / "bad.json", content))
+
+
+def test_lcrec_index_missing_file_names_the_parameter(tmp_path):
+    with pytest.raises(DataPrepError, match=r"nope.index.json: LC-Rec index file not found.*tokenization.semantic_encoder.lcrec_index"):
+        read_lcrec_index(tmp_path / "nope.index.json")
+
+
 # ---------------------------------------------------------------- amazon2018
 def test_amazon2018(amazon):
     p = params(source="amazon2018", amazon2018={k: amazon[k] for k in ("ratings_path", "meta_path", "reviews_path")})
@@ -210,3 +243,8 @@ def test_lcrec_json_on_instruments():
         params(source="lcrec_json", lcrec_json={"path": str(folder), "name": "Instruments"}))
     assert len(users) == 24_772 and len(items) == 9_922 and len(inter) == 206_153
     assert any("items have no text" in n for n in report["notes"])
+    index = read_lcrec_index(folder / "Instruments.index.json")
+    assert set(index) == set(items["item_id"]) and {len(c) for c in index.values()} == {4}
+    assert max(max(c) for c in index.values()) == 255
+    # LC-Rec's released codes are not quite unique: 25 items share their code tuple with another item
+    assert len(index) - len({tuple(c) for c in index.values()}) == 25

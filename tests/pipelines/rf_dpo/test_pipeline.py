@@ -1,6 +1,7 @@
 """The rf_dpo pipeline end to end on a tiny world, through a DataCatalog and SequentialRunner."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 from kedro.io import DataCatalog
@@ -167,3 +168,32 @@ def test_mixed_mode(world):
 def test_missing_sp_dpo_model_is_a_clear_error(world):
     with pytest.raises(Exception, match="sp_dpo_model_hard.*sp_dpo_curriculum"):
         run(world, "progressive", policy=None)
+
+
+@pytest.mark.parametrize("case", ["empty", "no_liked"])
+def test_no_real_feedback_skips_both_stages_with_the_reason(world, case):
+    """LC-Rec's JSON releases have no ratings or reviews: `feedback` is empty. RF-DPO is then not an error; both
+    stages pass sp_dpo_model_hard through, marked skipped (evaluation leaves them out), and every rf_dpo metrics
+    JSON says why."""
+    if case == "empty":
+        fb = world.feedback.iloc[0:0]
+        expect, detail = "no real feedback", "the 'feedback' table is empty"
+    else:
+        fb = world.feedback.assign(level=world.feedback["level"].replace({"liked": "neutral"}), rating=2.0)
+        expect = detail = "no liked training-period feedback"
+    plt.close("all")  # the module's earlier runs keep their figures open (KeptMemoryDataset)
+    catalog = run(world, "progressive", feedback=fb)
+    feedback_info = catalog.load("rf_dpo_metrics_feedback")["info"]
+    assert feedback_info["skip_reason"].startswith(expect) and detail in feedback_info["skip_reason"]
+    for stage in ("easy", "hard"):
+        model = catalog.load(f"rf_dpo_model_{stage}")
+        assert model.meta["skipped"] is True and model.meta["skip_reason"].startswith(expect)
+        assert weights_fingerprint(model.model) == weights_fingerprint(world.policy.model)
+        metrics = catalog.load(f"rf_dpo_metrics_{stage}")
+        assert metrics["info"]["skipped"] is True and metrics["info"]["no_feedback"] is True
+        assert metrics["scalars"]["skipped"] == 1.0 and metrics["info"]["reason"].startswith(expect)
+        assert len(catalog.load(f"rf_dpo_pairs_{stage}")) == 0
+        assert len(catalog.load(f"rf_dpo_recommendations_{stage}")) == 0
+        fig = catalog.load(f"rf_dpo_plot_{stage}")
+        assert fig.axes
+        plt.close(fig)

@@ -154,3 +154,26 @@ def test_item_only_ablation_through_the_catalog(tmp_path, dataset):
     quality = catalog.load("tokenization_quality")
     assert set(quality["side"]) == {"item", "u2i"}
     assert catalog.load("tokenization_metrics")["info"]["ablation"]["user_scids"] is False
+
+
+def test_lcrec_codes_through_the_catalog(tmp_path, dataset):
+    """Data without item text: item features from LC-Rec's codes (no sentence encoder), LC-Rec's codes as item
+    SCIDs, and the persisted metrics say so."""
+    from .test_code_features import fake_index
+
+    index_file = tmp_path / "Tiny.index.json"
+    index_file.write_text(json.dumps(fake_index(dataset["items"])))
+    params = tiny_params(user_scids=False)
+    params["phase1"]["epochs"] = params["phase2"]["epochs"] = 1
+    params["semantic_encoder"].update(item_features="lcrec_codes", lcrec_index=str(index_file), model="no-such-model")
+    params["item_scids_from"] = "lcrec_index"
+    catalog = build_catalog(tmp_path, dataset, params)
+    SequentialRunner().run(create_pipeline(), catalog)
+    assert np.stack(catalog.load("item_semantic_embeddings")["embedding"]).shape == (len(dataset["items"]), 128)
+    assert np.stack(catalog.load("user_semantic_embeddings")["embedding"]).shape == (len(dataset["users"]), 128)
+    items = catalog.load("item_scids")
+    assert items["tokens"].is_unique and {len(c) for c in items["codes"]} == {4}
+    info = catalog.load("tokenization_metrics")["info"]
+    assert info["item_features"] == "lcrec_codes" and info["item_scids_from"] == "lcrec_index"
+    assert info["semantic_model"] == "lcrec_codes" and info["collision_resolution"]["method"] == "lowest_free_last_code"
+    assert catalog.load("sc_tokenizer").config["semantic_model"] == "lcrec_codes"

@@ -4,6 +4,10 @@ feedback levels (training period only) → per stage: the stage's own input poli
 user → pairs → train. Stages chain as in SP-DPO: `sp_dpo_model_hard` → `rf_dpo_model_easy` → `rf_dpo_model_hard`,
 each stage's input policy being its reference. Parameter `mode`: `progressive` (default) or `mixed`
 (the ablation: both levels as rejected in one stage, the hard slot; easy passes the policy through).
+
+Data without training-period feedback (e.g. LC-Rec's JSON releases: no ratings, no reviews) or without a liked
+training item is not an error: both stages pass their input policy through (``meta["skipped"]``, so evaluation
+leaves them out), and the reason is logged and kept in every rf_dpo metrics' ``info``.
 """
 from __future__ import annotations
 
@@ -50,6 +54,21 @@ def _stage_kind(stage: str, mode: str) -> str | None:
     return "mixed" if stage == "hard" else None
 
 
+def no_feedback_reason(levels: pd.DataFrame, n_feedback: int | None = None) -> str | None:
+    """Why no RF-DPO stage can train on this data (``levels``: the resolved training-period feedback; ``n_feedback``:
+    rows of the whole feedback table where known), or None when some training-period item is liked."""
+    if len(levels) == 0:
+        if n_feedback == 0:
+            return ("no real feedback: the 'feedback' table is empty (the data source has no ratings or reviews, e.g. "
+                    "LC-Rec's JSON release); RF-DPO needs liked vs disliked/neutral training-period feedback")
+        return ("no real feedback: 'feedback' has no labelled training-period row (the data source may have no "
+                "ratings or reviews, e.g. LC-Rec's JSON release); RF-DPO needs liked vs disliked/neutral "
+                "training-period feedback")
+    if not (levels["level"] == "liked").any():
+        return "no liked training-period feedback: RF-DPO's chosen items are liked ones (feedback level 'liked', split 'train')"
+    return None
+
+
 def resolve_feedback_levels(
     feedback: pd.DataFrame, interactions: pd.DataFrame, params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -68,6 +87,10 @@ def resolve_feedback_levels(
         report["n_train_feedback"], report["level_counts"], report["source_counts"], report["n_review_sentiment"],
         report["n_unlabelled_dropped"], report["n_excluded_valid_test"],
     )
+    reason = no_feedback_reason(levels, len(feedback))
+    if reason:
+        info["skip_reason"] = reason
+        log.warning("rf_dpo: both stages will pass their input policy through: %s", reason)
     scalars = {f"level_{k}": float(v) for k, v in report["level_counts"].items()}
     scalars.update({f"level_fraction_{k}": float(v) for k, v in report["level_fractions"].items()})
     scalars["n_review_sentiment"] = float(report["n_review_sentiment"])
@@ -102,7 +125,9 @@ def recommend_for_feedback(
         None if pcfg.get("max_history") is None else int(pcfg["max_history"]), str(pcfg.get("position", "latest_liked")),
     )
     if len(prompts) == 0:
-        raise ValueError("rf_dpo: no user has a liked item in the training period (feedback level 'liked', split 'train')")
+        reason = no_feedback_reason(levels) or "no user with a liked training item has a prompt whose items all have SCIDs"
+        log.warning("rf_dpo %s: no user prompt, nothing to recommend (%s); the stage passes %s through", stage, reason, name)
+        return prompts.assign(recommended=pd.Series([], dtype=object), policy=pd.Series([], dtype=object))
     if _stage_kind(stage, _mode(params)) is None:  # the mode skips this stage: nothing to recommend
         return prompts.assign(recommended=[[] for _ in range(len(prompts))], policy=name)
     top = decode_candidates(
@@ -120,7 +145,7 @@ def build_rf_pairs(
     recommendations: pd.DataFrame, levels: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any], stage: str
 ) -> pd.DataFrame:
     kind = _stage_kind(stage, _mode(params))
-    if kind is None:
+    if kind is None or len(recommendations) == 0:  # skipped by the mode, or no prompt (no feedback to learn from)
         return fp.empty_feedback_pairs()
     item_ids, codes, tokens = item_code_table(item_scids)
     recs = recommendations[["user_id", "recommended"]].explode("recommended").dropna()
@@ -145,16 +170,23 @@ def build_rf_pairs(
 
 
 def train_rf_stage(
-    policy: RecLM | None, pairs: pd.DataFrame, item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame,
-    params: dict[str, Any], seed: int, stage: str,
+    policy: RecLM | None, pairs: pd.DataFrame, levels: pd.DataFrame, item_scids: pd.DataFrame,
+    seq_eval_prompts: pd.DataFrame, params: dict[str, Any], seed: int, stage: str,
 ) -> tuple[RecLM, dict[str, Any], Any]:
+    """Train the stage on its pairs, or pass the input policy through (``meta["skipped"]``) with the reason in
+    ``metrics["info"]["reason"]``: the mode skips the slot, the data has no (liked) training-period feedback
+    (``levels``: rf_dpo_feedback_levels), or no pair could be built."""
     mode = _mode(params)
     name = INPUT_POLICY[stage]
     policy = require_policy(policy, name, _HINT[name])
     kind = _stage_kind(stage, mode)
     stage_name = f"rf_dpo_{stage}"
+    no_feedback = no_feedback_reason(levels)
     if kind is None:
         model, metrics = pass_through(policy, stage_name, f"mode={mode} trains both levels in the hard slot", {"mode": mode})
+    elif no_feedback is not None:
+        log.warning("rf_dpo %s: skipped, %s passed through unchanged: %s", stage, name, no_feedback)
+        model, metrics = pass_through(policy, stage_name, no_feedback, {"mode": mode, "no_feedback": True})
     elif len(pairs) == 0:
         model, metrics = pass_through(policy, stage_name, "no preference pair (no later-rated item of the stage's level)", {"mode": mode})
     else:

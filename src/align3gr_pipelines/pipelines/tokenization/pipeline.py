@@ -20,7 +20,9 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 embed_semantics,
-                inputs=["items", "users", "params:tokenization"],
+                # train_sequences, valid: read only with semantic_encoder.item_features=lcrec_codes (user features
+                # from their training-period items); the default (text) encodes items.text and users.profile.
+                inputs=["items", "users", "params:tokenization", "train_sequences", "valid"],
                 outputs=["item_semantic_embeddings", "user_semantic_embeddings"],
                 name="embed_semantics",
             ),

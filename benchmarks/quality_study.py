@@ -50,7 +50,7 @@ sys.path.insert(0, str(HERE))
 
 from study_pooled import PER_CASE_FILE, pooled_pairs, pooled_table, write_per_case  # noqa: E402
 from study_rows import (  # noqa: E402
-    DEFAULT_SEEDS, LINES, QUICK_OVERRIDES, QUICK_RUNS, RUNS, STAGES, Run, validate,
+    DEFAULT_SEEDS, LINES, QUICK_OVERRIDES, QUICK_RUNS, RUNS, STAGES, Run, line_model, overrides_in_env, validate,
 )
 
 METRICS = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
@@ -161,6 +161,13 @@ class Study:
                 raise FileNotFoundError(f"ml-latest-small not found at {path} (ratings.csv); pass --shared-data")
             # The env's relative path only works from the repository root; jobs run in their own workspace.
             self.base_overrides["data_prep.movielens.path"] = str(path)
+        if self.env.startswith("instruments"):
+            path = shared / "instruments-lcrec"
+            if not (path / "Instruments.inter.json").exists():
+                raise FileNotFoundError(f"the LC-Rec Instruments release not found at {path} (Instruments.inter.json); pass --shared-data")
+            self.base_overrides["data_prep.lcrec_json.path"] = str(path)
+            if self.env == "instruments_cpu":  # item content from LC-Rec's codes (the release has no item text)
+                self.base_overrides["tokenization.semantic_encoder.lcrec_index"] = str(path / "Instruments.index.json")
         if self.quick:
             self.base_overrides.update(QUICK_OVERRIDES)
         self.base_overrides.update(parse_set(getattr(args, "set", None) or []))  # every row, e.g. the suffix holdout
@@ -175,7 +182,7 @@ class Study:
         self.kedro = str(Path(sys.executable).with_name("kedro"))
 
     def overrides(self, run: Run, seed: int) -> dict[str, Any]:
-        return {"seed": seed, **self.base_overrides, **run.overrides}
+        return {"seed": seed, **self.base_overrides, **overrides_in_env(run, self.env)}
 
     def stage_keys(self, run: Run, seed: int) -> dict[str, str]:
         resolved = apply_overrides(self.params, self.overrides(run, seed))
@@ -508,7 +515,7 @@ def mean_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float
     return float(arr.mean()), float(half)
 
 
-def gather(out: Path, split: str = "test"):
+def gather(out: Path, split: str = "test", env: str = ""):
     """One row per (line, seed, metric) from every finished job."""
     import pandas as pd
 
@@ -517,9 +524,10 @@ def gather(out: Path, split: str = "test"):
         base = out / "results" / line.run
         for path in sorted(base.glob("seed*/metrics.parquet")):
             table = pd.read_parquet(path)
-            sel = table[(table["model"] == line.model) & (table["split"] == split)]
+            model = line_model(line, env)
+            sel = table[(table["model"] == model) & (table["split"] == split)]
             for r in sel.itertuples():
-                rows.append({"table": line.table, "label": line.label, "run": line.run, "model": line.model,
+                rows.append({"table": line.table, "label": line.label, "run": line.run, "model": model,
                              "seed": int(path.parent.name[4:]), "metric": r.metric, "value": float(r.value),
                              "n_users": int(r.n_users)})
     return pd.DataFrame(rows, columns=["table", "label", "run", "model", "seed", "metric", "value", "n_users"])
@@ -562,7 +570,7 @@ def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
         if f"{run}/sft" in rows:
             g = g.sort_values("seed")
             rows[f"{run}/sft"].setdefault("valid_selection", {})[key] = seed_stats(g["seed"].tolist(), g["value"].tolist())
-    long = gather(out)
+    long = gather(out, env=dataset)
     paired = []
     for a, b in PAIRS:
         for metric in ("recall@10", "ndcg@10"):
@@ -575,23 +583,23 @@ def results_json(out: Path, dataset: str, command: str) -> dict[str, Any]:
     return {"dataset": dataset, "seeds": sorted(int(s) for s in allv["seed"].unique()), "command": command,
             "ci": "mean over seeds +- 95% Student-t half-width across seeds (null for one seed)",
             "rows": rows, "paired_differences": paired,
-            "pooled_paired_differences": _pooled(out),
+            "pooled_paired_differences": _pooled(out, dataset),
             "pooled_ci": "per (seed, test case) difference b - a, pooled over seeds; 95% percentile CI of a bootstrap "
                          "that resamples users with all their seeds and cases; mde: the |delta| a two-sided 0.05 test "
                          "finds with 80% power, (z_0.975 + z_0.8) x bootstrap SE"}
 
 
-def _line_rows() -> dict[tuple[str, str], tuple[str, str]]:
-    return {(line.table, line.label): (line.run, line.model) for line in LINES}
+def _line_rows(env: str) -> dict[tuple[str, str], tuple[str, str]]:
+    return {(line.table, line.label): (line.run, line_model(line, env)) for line in LINES}
 
 
 _POOLED_CACHE: dict[Path, list[dict[str, Any]]] = {}
 
 
-def _pooled(out: Path) -> list[dict[str, Any]]:
+def _pooled(out: Path, env: str) -> list[dict[str, Any]]:
     """The pooled paired differences of PAIRS (computed once per report)."""
     if out not in _POOLED_CACHE:
-        _POOLED_CACHE[out] = pooled_pairs(out, PAIRS, _line_rows())
+        _POOLED_CACHE[out] = pooled_pairs(out, PAIRS, _line_rows(env))
     return _POOLED_CACHE[out]
 
 
@@ -630,7 +638,10 @@ def _timings_table(out: Path) -> list[str]:
 
 # (table, label) pairs whose per-seed difference the report shows: b minus a.
 PAIRS = [
+    (("Table 1: overall", "SASRec (BCE, 1 negative: the paper's baseline)"), ("Table 1: overall", "Align3GR (full)")),
     (("Table 1: overall", "SASRec"), ("Table 1: overall", "Align3GR (full)")),
+    (("Table 1: overall", "Item-kNN"), ("Table 1: overall", "Align3GR (full)")),
+    (("Table 1: overall", "SASRec (BCE, 1 negative: the paper's baseline)"), ("Table 1: overall", "SASRec")),
     (("Table 1: overall", "TIGER-like"), ("Table 1: overall", "Align3GR (full)")),
     (("Table 1: overall", "LC-Rec-like"), ("Table 1: overall", "Align3GR (full)")),
     (("Alignment levels", "LC-Rec-like (item SCIDs, no user alignment)"),
@@ -753,7 +764,7 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    long = gather(out)
+    long = gather(out, env=dataset)
     summary = summarize(long) if len(long) else {}
     tables = list(dict.fromkeys(line.table for line in LINES))
     md = [f"# {title}", "", f"Produced by `{command}`.",
@@ -761,6 +772,20 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
           "confidence interval across seeds (a single seed shows the value alone). Rows: benchmarks/study_rows.py.", ""]
     if notes is not None:  # hand-written context (how the study was run, what the numbers mean), kept verbatim
         md += [notes.read_text().rstrip(), ""]
+    if dataset.startswith("instruments"):
+        md += ["## Beside the paper's Table 1 (Amazon Instruments, the same LC-Rec release)", "",
+               "The paper's figures come from its Table 1 (Llama-2-7B LoRA on GPUs; its SASRec is the BCE one). Ours: "
+               "the CPU recipe of this env (a 0.85M-parameter scratch Llama, no item text: item content from LC-Rec's "
+               "codes), mean over the seeds run.", "",
+               "| model | ours recall@10 | ours ndcg@10 | paper recall@10 | paper ndcg@10 |", "|---|---|---|---|---|"]
+        for label, paper in (("SASRec (BCE, 1 negative: the paper's baseline)", "SASRec"), ("SASRec", None),
+                             ("TIGER-like", "TIGER"), ("LC-Rec-like", "LC-Rec"), ("Align3GR (full)", "Align3GR"),
+                             ("Item-kNN", None), ("Most popular", None)):
+            e = summary.get(("Table 1: overall", label))
+            ref = PAPER.get(paper or "", {})
+            md.append(f"| {label} | {_fmt(e, 'recall@10')} | {_fmt(e, 'ndcg@10')} | {ref.get('recall@10', '–')} | "
+                      f"{ref.get('ndcg@10', '–')} |")
+        md.append("")
     md += ["## What disagrees with the paper, and what agrees", ""] + (findings(summary) if summary else ["- nothing measured yet"]) + [""]
     for table in tables:
         md += [f"## {table}", "", "| row | run/model | seeds | " + " | ".join(METRICS) + " |", "|---|---|---|" + "---|" * len(METRICS)]
@@ -778,7 +803,7 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
            "mean over every seed, the 95% CI a bootstrap over users (each with all of their seeds and cases), and "
            "the MDE the smallest true |Δ| this test set detects with 80% power (two-sided 0.05). A CI that "
            "excludes 0 is a difference; |Δ| below the MDE is what noise looks like here.", "",
-           *pooled_table(_pooled(out)), ""]
+           *pooled_table(_pooled(out, dataset)), ""]
     md += ["## SFT checkpoint selection (validation) beside test", "",
            "Each SFT run keeps its checkpoint with the best Recall@10 of the constrained decoder on the sampled "
            "valid users (sft_train.model_selection); that figure is what rows are chosen on, so it is a maximum "

@@ -143,6 +143,9 @@ def valid_recall_evaluator(
     # the previous stage's selected checkpoint (recorded in meta["valid_recall"]) instead of decoding again.
     payload = json.dumps([sample.prompts, sample.target_index.tolist(), sel.k, sel.beam_width])
     evaluate.key = hashlib.sha256(payload.encode()).hexdigest()  # type: ignore[attr-defined]
+    # The select / confirm halves of this sample (used with sel.confirm_half), fixed by the run's seed so
+    # that every stage splits the same users the same way.
+    evaluate.confirm = valid_recall.confirm_half(len(sample), seed)  # type: ignore[attr-defined]
     return evaluate
 
 
@@ -377,7 +380,9 @@ def train_dpo(
                 raise ValueError("DPO selection: max_p_value and confirm_half need an evaluator that returns per-user hits")
             if halves:
                 hits = np.asarray(hits, dtype=bool)
-                confirm = valid_recall.confirm_half(len(hits), seed) if confirm is None else confirm
+                if confirm is None:  # the evaluator's own halves: the same users for every stage of a seed
+                    confirm = getattr(evaluate, "confirm", None)
+                    confirm = valid_recall.confirm_half(len(hits), seed) if confirm is None else confirm
                 confirm_hits[at] = hits[confirm]
                 curves["valid_recall_confirm"].append([at, float(hits[confirm].mean())])
                 hits = hits[~confirm]  # selection and its gate see the select half only
@@ -398,6 +403,7 @@ def train_dpo(
     t_eval = time.perf_counter()
     checkpoint(0)
     eval_seconds = time.perf_counter() - t_eval
+    input_eval_seconds = eval_seconds  # spent before the training clock starts
     model.train()
     step = 0
     t1 = time.perf_counter()
@@ -459,7 +465,7 @@ def train_dpo(
             model.load_state_dict(input_state)
             selected_step = 0
     model.eval()
-    train_seconds = time.perf_counter() - t1 - eval_seconds
+    train_seconds = time.perf_counter() - t1 - (eval_seconds - input_eval_seconds)
 
     tail = max(1, len(curves["loss"]) // 10)  # "final" = mean over the last 10% of steps
 

@@ -300,6 +300,7 @@ def test_confirm_half_selects_on_one_half_and_keeps_the_input_unless_the_other_h
                             lambda m: next(outputs))
     s = metrics["scalars"]
     assert s["selected_step"] == 1 and s["confirmed"] == 1.0 and s["confirm_p_vs_input"] == pytest.approx(1 / 256)
+    assert s["train_seconds"] >= 0  # the input policy's evaluation runs before the training clock
     assert weights_fingerprint(model.model) != weights_fingerprint(world.policy.model)
 
 

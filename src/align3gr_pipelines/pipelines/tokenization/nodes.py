@@ -26,14 +26,19 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from align3gr_pipelines.cf.sasrec import SASRec, cf_item_table, fit_sasrec, recall_ndcg, training_sequences  # noqa: E402
-from align3gr_pipelines.data.lcrec_json import read_lcrec_index  # noqa: E402
 from align3gr_pipelines.devices import resolve_device  # noqa: E402
-from align3gr_pipelines.tokenizer.code_features import history_features, item_code_features  # noqa: E402
+from align3gr_pipelines.tokenizer.lcrec_codes import (  # noqa: E402
+    code_feature_matrices,
+    feature_info,
+    index_item_codes,
+    item_features_mode,
+    item_scids_source,
+)
 from align3gr_pipelines.tokenizer.quality_report import quality_table, usage_figure  # noqa: E402
 from align3gr_pipelines.tokenizer.rq_vae import effective_codebook_size, usage_stats  # noqa: E402
 from align3gr_pipelines.tokenizer.sc_tokenizer import SCTokenizer, U2IData, fit_sc_tokenizer, sample_eval_negatives  # noqa: E402
 from align3gr_pipelines.tokenizer.scid import codes_to_tokens  # noqa: E402
-from align3gr_pipelines.tokenizer.scid_collisions import collision_stats, resolve_collisions, resolve_fixed_collisions  # noqa: E402
+from align3gr_pipelines.tokenizer.scid_collisions import collision_stats, resolve_collisions  # noqa: E402
 from align3gr_pipelines.tokenizer.semantic_encoder import clean_texts, encode_texts, load_encoder, resolve_model_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -102,68 +107,17 @@ def _ids(df: pd.DataFrame, column: str, name: str) -> list[str]:
     return ids
 
 
-ITEM_FEATURES = ("text", "lcrec_codes")
-ITEM_SCIDS_FROM = ("rq_vae", "lcrec_index")
-
-
-def _item_features_mode(params: dict[str, Any]) -> str:
-    mode = _param(params, "semantic_encoder").get("item_features", "text")
-    if mode not in ITEM_FEATURES:
-        raise ValueError(f"parameters_tokenization.yml: tokenization.semantic_encoder.item_features must be one of "
-                         f"{list(ITEM_FEATURES)}, got {mode!r}")
-    return str(mode)
-
-
-def _item_scids_from(params: dict[str, Any]) -> str:
-    source = params.get("item_scids_from", "rq_vae")
-    if source not in ITEM_SCIDS_FROM:
-        raise ValueError(f"parameters_tokenization.yml: tokenization.item_scids_from must be one of "
-                         f"{list(ITEM_SCIDS_FROM)}, got {source!r}")
-    return str(source)
-
-
-def _lcrec_codes(params: dict[str, Any], item_ids: list[str], why: str) -> np.ndarray:
-    """LC-Rec's codes [n_items, L] for ``item_ids`` (in that order) from semantic_encoder.lcrec_index."""
-    path = _param(params, "semantic_encoder").get("lcrec_index")
-    if not path:
-        raise ValueError(f"tokenization: {why} needs tokenization.semantic_encoder.lcrec_index = the path of LC-Rec's "
-                         f"{{name}}.index.json (e.g. ../shared/data/instruments-lcrec/Instruments.index.json), got {path!r}")
-    index = read_lcrec_index(path)
-    missing = [i for i in item_ids if i not in index]
-    if missing:
-        raise ValueError(f"tokenization: {path} (tokenization.semantic_encoder.lcrec_index) has no codes for "
-                         f"{len(missing)} of the {len(item_ids)} item(s) of 'items', e.g. {missing[:3]}; expected every "
-                         "item_id of the data to be a key of the index")
-    return np.array([index[i] for i in item_ids], dtype=np.int64).reshape(len(item_ids), -1)
-
-
 def _code_features(
     items: pd.DataFrame, users: pd.DataFrame, train_sequences: pd.DataFrame | None, valid: pd.DataFrame | None,
     params: dict[str, Any],
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """item_features: lcrec_codes. Items: fixed embeddings of LC-Rec's codes; users: the mean over the items of
-    their training-period history (the valid target is never read)."""
+    """item_features: lcrec_codes (`tokenizer.lcrec_codes`); user histories from the training period only."""
     if train_sequences is None or valid is None:
         raise ValueError("tokenization: semantic_encoder.item_features=lcrec_codes builds user features from their "
                          "training-period items and needs the 'train_sequences' and 'valid' datasets")
-    p = _param(params, "semantic_encoder")
-    cfg = dict(p.get("code_embedding") or {})
     item_ids, user_ids = _ids(items, "item_id", "items"), _ids(users, "user_id", "users")
-    codes = _lcrec_codes(params, item_ids, "semantic_encoder.item_features=lcrec_codes")
-    item_emb = item_code_features(codes, dim=int(cfg.get("dim", 128)), level_decay=float(cfg.get("level_decay", 0.5)),
-                                  seed=int(cfg.get("seed", 0)))
-    pos = {i: r for r, i in enumerate(item_ids)}
-    histories = _user_histories(train_sequences, valid)
-    rows = [[pos[i] for i in histories.get(u, []) if i in pos] for u in user_ids]
-    user_emb = history_features(rows, item_emb)
-    n_empty = sum(1 for r in rows if not r)
-    logger.warning(
-        "semantic features from LC-Rec's item codes, not text (tokenization.semantic_encoder.item_features=lcrec_codes, "
-        "%s): %d items x %d code levels -> %d-dim fixed code embeddings (%d distinct code tuples); users: the mean "
-        "over their training-period items (%d users, %d without any); the sentence encoder is not used",
-        p.get("lcrec_index"), len(item_ids), codes.shape[1], item_emb.shape[1], len(np.unique(codes, axis=0)),
-        len(user_ids), n_empty,
-    )
+    item_emb, user_emb = code_feature_matrices(_param(params, "semantic_encoder"), item_ids, user_ids,
+                                               _user_histories(train_sequences, valid))
     return _embedding_frame(item_ids, item_emb), _embedding_frame(user_ids, user_emb)
 
 
@@ -176,7 +130,7 @@ def embed_semantics(
     features from LC-Rec's item codes (item_features: lcrec_codes, for data without item text)."""
     _require(items, ["item_id", "text"], "items")
     _require(users, ["user_id", "profile"], "users")
-    if _item_features_mode(params) == "lcrec_codes":
+    if item_features_mode(_param(params, "semantic_encoder")) == "lcrec_codes":
         return _code_features(items, users, train_sequences, valid, params)
     p = _param(params, "semantic_encoder")
     model = load_encoder(p["model"], str(resolve_device(p.get("device", params.get("device", "cpu")))))
@@ -292,7 +246,7 @@ def train_sc_tokenizer(
         "beta": float(rq["beta"]),
         "item_codebook_size": effective_codebook_size(len(item_ids), int(rq["codebook_size"]), rq.get("min_items_per_code")),
         "user_codebook_size": effective_codebook_size(len(user_ids), int(rq["codebook_size"]), rq.get("min_items_per_code")),
-        "semantic_model": (str(_param(params, "semantic_encoder.model")) if _item_features_mode(params) == "text"
+        "semantic_model": (str(_param(params, "semantic_encoder.model")) if item_features_mode(_param(params, "semantic_encoder")) == "text"
                            else "lcrec_codes"),
     }
     torch.manual_seed(seed)
@@ -356,7 +310,7 @@ def assign_scids(
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Codes for every item (made unique) and user (may collide), and the SC embeddings behind them. With
     item_scids_from: lcrec_index the item codes are LC-Rec's released ones (made unique the same way)."""
-    from_index = _item_scids_from(params) == "lcrec_index"
+    from_index = item_scids_source(params) == "lcrec_index"
     tok = sc_tokenizer.to(resolve_device(params.get("device", "cpu")))
     device = next(tok.parameters()).device
     tables, report = {}, {}
@@ -375,17 +329,7 @@ def assign_scids(
         if side == "item" and from_index:
             # LC-Rec's released codes are the item SCIDs (the paper's TIGER / LC-Rec baselines); the item RQ-VAE
             # is trained all the same (its reconstruction loss is not the SCIDs', so it is not reported).
-            raw = _lcrec_codes(params, ids, "item_scids_from=lcrec_index")
-            size = int(raw.max()) + 1 if raw.size else 1
-            entry = {"codebook_size": size, "usage": usage_stats(raw, size), "before": collision_stats(raw),
-                     "source": "lcrec_index", "lcrec_index": str(_param(params, "semantic_encoder").get("lcrec_index"))}
-            final, entry["resolution"] = resolve_fixed_collisions(raw, size)
-            if entry["resolution"]["colliding_items_after"]:
-                raise RuntimeError("tokenization: item SCIDs from the LC-Rec index are still not unique after collision "
-                                   "resolution")
-            logger.warning("item SCIDs = LC-Rec's item codes (tokenization.item_scids_from=lcrec_index, %s): %d levels x %d "
-                           "codes; %s", entry["lcrec_index"], raw.shape[1], size, entry["resolution"])
-            entry["after"] = collision_stats(final)
+            final, entry = index_item_codes(_param(params, "semantic_encoder").get("lcrec_index"), ids)
             report[side] = entry
             tables[side] = pd.DataFrame({
                 "id": ids,
@@ -422,27 +366,10 @@ def assign_scids(
     return tables["item"], tables["user"], sc_frames["item"], sc_frames["user"], report
 
 
-def _feature_info(params: dict[str, Any]) -> dict[str, Any]:
-    """What the semantic features and the item SCIDs were made from, for the metrics' info."""
-    p = _param(params, "semantic_encoder")
-    if _item_features_mode(params) == "text":
-        info: dict[str, Any] = {
-            "item_features": "text",
-            "semantic_model_path": resolve_model_path(str(_param(params, "semantic_encoder.model"))),
-        }
-    else:
-        info = {
-            "item_features": "lcrec_codes",
-            "item_features_note": "no item text: item semantic features are fixed embeddings of LC-Rec's item codes "
-                                  "(code_embedding), user ones the mean over their training-period items; no sentence encoder",
-            "lcrec_index": str(p.get("lcrec_index")),
-            "code_embedding": dict(p.get("code_embedding") or {}),
-            "semantic_model_path": None,
-        }
-    info["item_scids_from"] = _item_scids_from(params)
-    if info["item_scids_from"] == "lcrec_index":
-        info["lcrec_index"] = str(p.get("lcrec_index"))
-    return info
+def _semantic_model_path(params: dict[str, Any]) -> str | None:
+    if item_features_mode(_param(params, "semantic_encoder")) != "text":
+        return None
+    return resolve_model_path(str(_param(params, "semantic_encoder.model")))
 
 
 def report_quality(
@@ -457,7 +384,7 @@ def report_quality(
             **sc_log.get("info", {}),
             "ablation": dict(_param(params, "ablation")),
             "collision_resolution": scid_report.get("item", {}).get("resolution"),
-            **_feature_info(params),
+            **feature_info(_param(params, "semantic_encoder"), params, _semantic_model_path(params)),
         },
     }
     return quality, metrics, usage_figure(scid_report)

@@ -22,6 +22,7 @@ import torch
 
 from align3gr_pipelines.cf.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
 from align3gr_pipelines.cf.sasrec import training_sequences
+from align3gr_pipelines.evaluation.cases import as_recommendations, empty_recs, eval_cases, recs_frame
 from align3gr_pipelines.evaluation.report import metric_table, metrics_markdown, plot_comparison  # noqa: F401 (a node)
 from align3gr_pipelines.evaluation.sasrec_bce import bce_settings, train_sasrec_bce
 from align3gr_pipelines.evaluation.stage_reuse import kept_input_policy, reuse_input_rows
@@ -32,7 +33,6 @@ from align3gr_pipelines.sft.prompts import seq_prompt
 
 log = logging.getLogger(__name__)
 
-REC_COLUMNS = ["model", "split", "user_id", "case", "rank", "item_id", "score"]
 REFERENCE = "sasrec"
 # LM checkpoints in DAG order, and the row each becomes in the table.
 LM_STAGES: dict[str, str] = {
@@ -52,34 +52,6 @@ def _require(df: pd.DataFrame, name: str, columns: list[str]) -> None:
         raise ValueError(f"evaluation: dataset {name!r} lacks column(s) {missing}; expected at least {columns}")
 
 
-def _empty_recs() -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in zip(REC_COLUMNS, ["str", "str", "str", "int64", "int64", "str", "float64"])})
-
-
-def _case_of(cases: pd.DataFrame) -> np.ndarray:
-    """Each row's held-out position: `case` of eval cases, `position` of seq_eval_prompts, else 0."""
-    column = "case" if "case" in cases.columns else "position" if "position" in cases.columns else None
-    return cases[column].to_numpy().astype("int64") if column else np.zeros(len(cases), "int64")
-
-
-def _recs_frame(model: str, cases: pd.DataFrame, item_ids: list[str], idx: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    k = idx.shape[1]
-    valid = idx >= 0
-    rows, cols = np.nonzero(valid)
-    items = np.asarray(item_ids, dtype=object)
-    return pd.DataFrame(
-        {
-            "model": model,
-            "split": cases["split"].to_numpy()[rows],
-            "user_id": cases["user_id"].to_numpy()[rows],
-            "case": _case_of(cases)[rows],
-            "rank": (cols + 1).astype("int64") if k else np.zeros(0, "int64"),
-            "item_id": items[idx[rows, cols]],
-            "score": scores[rows, cols].astype("float64"),
-        }
-    )
-
-
 def catalogue_ids(item_scids: pd.DataFrame) -> list[str]:
     _require(item_scids, "item_scids", ["id", "codes", "tokens"])
     ids = [str(i) for i in item_scids["id"]]
@@ -92,51 +64,12 @@ def catalogue_ids(item_scids: pd.DataFrame) -> list[str]:
 
 
 def build_eval_cases(valid: pd.DataFrame, test: pd.DataFrame, params: dict[str, Any], seed: int) -> pd.DataFrame:
-    """One row per held-out case: split, user_id, case (its position in the user's sequence: one case per
-    user under leave-one-out, several under a suffix holdout), history (the last max_history items), target."""
-    splits = list(params.get("splits", ["test", "valid"]))
-    frames = {"valid": valid, "test": test}
-    unknown = [s for s in splits if s not in frames]
-    if unknown or not splits:
-        raise ValueError(f"evaluation.splits must be a non-empty subset of ['test', 'valid'], got {splits}")
-    keep = int(params["max_history"])
-    out = []
-    for split in splits:
-        df = frames[split]
-        _require(df, split, ["user_id", "history", "target"])
-        case = df["position"].astype("int64").to_numpy() if "position" in df.columns else np.zeros(len(df), "int64")
-        if pd.DataFrame({"u": df["user_id"].astype(str).to_numpy(), "c": case}).duplicated().any():
-            raise ValueError(f"evaluation: {split} has several rows for one (user_id, position); expected one per held-out case")
-        out.append(pd.DataFrame({
-            "split": split,
-            "user_id": df["user_id"].astype(str).to_numpy(),
-            "case": case,
-            "history": [[str(i) for i in list(h)[-keep:]] if keep > 0 else [] for h in df["history"]],
-            "target": df["target"].astype(str).to_numpy(),
-        }))
-    cases = pd.concat(out, ignore_index=True)
-    limits = params.get("max_users")
-    if not isinstance(limits, dict):
-        limits = {s: limits for s in splits}
-    if limits.get("test") is not None:
-        raise ValueError(
-            f"evaluation.max_users.test must be null, got {limits['test']!r}: the test split is always scored "
-            "over every test user, never a sample (only valid may be sampled, e.g. max_users: {test: null, valid: 200})"
-        )
-    keep_rows = np.ones(len(cases), dtype=bool)
-    for split, limit in limits.items():
-        if split not in splits or limit is None:
-            continue
-        if int(limit) < 1:
-            raise ValueError(f"evaluation.max_users.{split} must be >= 1 or null, got {limit}")
-        in_split = (cases["split"] == split).to_numpy()
-        users = np.sort(cases.loc[in_split, "user_id"].unique())
-        if int(limit) < len(users):
-            # Seeded by the global seed alone, so every split with the same limit samples the same users.
-            picked = np.random.default_rng(seed).choice(users, size=int(limit), replace=False)
-            keep_rows &= ~in_split | cases["user_id"].isin(picked).to_numpy()
-            log.info("evaluation: %s on a seeded sample of %d of %d users (max_users)", split, int(limit), len(users))
-    cases = cases[keep_rows].reset_index(drop=True)
+    """Every held-out case of the evaluated splits (`evaluation.cases.eval_cases`)."""
+    for name, df in (("valid", valid), ("test", test)):
+        if name in params.get("splits", ["test", "valid"]):
+            _require(df, name, ["user_id", "history", "target"])
+    cases = eval_cases(valid, test, list(params.get("splits", ["test", "valid"])), int(params["max_history"]),
+                       params.get("max_users"), seed)
     log.info("evaluation: %s", ", ".join(f"{s}: {len(g)} cases of {g['user_id'].nunique()} users"
                                          for s, g in cases.groupby("split", sort=False)))
     return cases
@@ -183,12 +116,12 @@ def build_eval_prompts(
 
 def _baseline_output(name: str, cases: pd.DataFrame, ids: list[str], idx: np.ndarray, val: np.ndarray, seconds: float):
     info = {"model": name, "kind": "baseline", "seconds": seconds, "ms_per_user": 1000 * seconds / max(len(cases), 1)}
-    return _recs_frame(name, cases, ids, idx, val), info
+    return recs_frame(name, cases, ids, idx, val), info
 
 
 def recommend_most_popular(eval_cases: pd.DataFrame, train_sequences: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any]):
     if not params["baselines"].get("most_popular", True):
-        return _empty_recs(), {"model": "most_popular", "skipped": "disabled in parameters"}
+        return empty_recs(), {"model": "most_popular", "skipped": "disabled in parameters"}
     t0 = time.perf_counter()
     ids = catalogue_ids(item_scids)
     model = MostPopular(ids, training_sequences(train_sequences).values())
@@ -200,7 +133,7 @@ def recommend_most_popular(eval_cases: pd.DataFrame, train_sequences: pd.DataFra
 def recommend_item_knn(eval_cases: pd.DataFrame, train_sequences: pd.DataFrame, item_scids: pd.DataFrame, params: dict[str, Any]):
     cfg = params["baselines"].get("item_knn", {}) or {}
     if not cfg.get("enabled", True):
-        return _empty_recs(), {"model": "item_knn", "skipped": "disabled in parameters"}
+        return empty_recs(), {"model": "item_knn", "skipped": "disabled in parameters"}
     t0 = time.perf_counter()
     ids = catalogue_ids(item_scids)
     model = ItemKNN(ids, training_sequences(train_sequences).values(), int(cfg.get("neighbors", 100)), float(cfg.get("shrink", 10.0)))
@@ -220,10 +153,10 @@ def _recommend_with_sasrec(name: str, eval_cases: pd.DataFrame, model: Any, data
 def recommend_sasrec(eval_cases: pd.DataFrame, sasrec_model: Any, item_scids: pd.DataFrame, params: dict[str, Any]):
     """The tokenization stage's SASRec (full-softmax CE): the reference of the paired tests."""
     if not params["baselines"].get("sasrec", True):
-        return _empty_recs(), {"model": "sasrec", "skipped": "disabled in parameters"}
+        return empty_recs(), {"model": "sasrec", "skipped": "disabled in parameters"}
     if sasrec_model is None:
         log.info("evaluation: SASRec baseline skipped: no sasrec_model checkpoint (run tokenization)")
-        return _empty_recs(), {"model": "sasrec", "skipped": "sasrec_model checkpoint not found"}
+        return empty_recs(), {"model": "sasrec", "skipped": "sasrec_model checkpoint not found"}
     recs, info = _recommend_with_sasrec("sasrec", eval_cases, sasrec_model, "sasrec_model", item_scids, params)
     return recs, {**info, "loss": "ce", "note": "scoring only (fitted by tokenization)"}
 
@@ -286,17 +219,17 @@ def recommend_with_lm(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.Da
     name = LM_STAGES[stage]
     if rec_lm is None:
         log.info("evaluation: %s skipped: no %s checkpoint (stage not run)", name, stage)
-        return _empty_recs(), {"model": name, "kind": "lm", "stage": stage, "skipped": f"{stage} checkpoint not found"}
+        return empty_recs(), {"model": name, "kind": "lm", "stage": stage, "skipped": f"{stage} checkpoint not found"}
     meta = dict(getattr(rec_lm, "meta", {}) or {})
     if meta.get("skipped"):
         log.info("evaluation: %s skipped: %s is marked skipped (ablation pass-through)", name, stage)
-        return _empty_recs(), {"model": name, "kind": "lm", "stage": stage, "skipped": f"{stage} meta.skipped", "pass_through": True}
+        return empty_recs(), {"model": name, "kind": "lm", "stage": stage, "skipped": f"{stage} meta.skipped", "pass_through": True}
     name = lm_label(name, meta)
     dpo = meta.get("dpo") or {}
     fingerprints = {"policy_fingerprint": dpo.get("policy_fingerprint"), "reference_fingerprint": dpo.get("reference_fingerprint")}
     if stage != next(iter(LM_STAGES)) and params.get("reuse_kept_input", True) and kept_input_policy(meta):
         log.info("evaluation: %s kept its input policy (selected step %s): not decoded", name, dpo.get("selected_step"))
-        return _empty_recs(), {"model": name, "kind": "lm", "stage": stage, "reuse_input": True, "decoded": False,
+        return empty_recs(), {"model": name, "kind": "lm", "stage": stage, "reuse_input": True, "decoded": False,
                                "seconds": 0.0, "ms_per_user": 0.0, "selected_step": dpo.get("selected_step"), **fingerprints}
     tok = rec_lm.tokenizer
     catalog = SCIDCatalog.from_scids(item_scids, tok)
@@ -318,7 +251,7 @@ def recommend_with_lm(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.Da
     info = {"model": name, "kind": "lm", "stage": stage, "decoded": True, "seconds": seconds,
             "ms_per_user": 1000 * seconds / max(len(ids), 1), "invalid_generations": invalid, "catalogue_items": catalog.n_items,
             "mean_prompt_tokens": float(np.mean([len(i) for i in ids])) if ids else 0.0, **fingerprints}
-    return _recs_frame(name, eval_prompts, catalog.item_ids, idx_np, score.numpy()), info
+    return recs_frame(name, eval_prompts, catalog.item_ids, idx_np, score.numpy()), info
 
 
 def lm_node_func(stage: str) -> Callable[..., Any]:
@@ -338,9 +271,8 @@ def combine_recommendations(*parts: Any) -> tuple[pd.DataFrame, dict[str, Any]]:
     pairs = reuse_input_rows(list(zip(parts[0::2], parts[1::2])))
     recs = [r for r, _ in pairs if len(r)]
     infos = [i for _, i in pairs]
-    table = pd.concat(recs, ignore_index=True) if recs else _empty_recs()
-    table = table.astype({"model": "str", "split": "str", "user_id": "str", "case": "int64", "rank": "int64", "item_id": "str", "score": "float64"})
-    return table[REC_COLUMNS], {"models": [i for i in infos if not i.get("skipped")], "skipped": [i for i in infos if i.get("skipped")]}
+    table = pd.concat(recs, ignore_index=True) if recs else empty_recs()
+    return as_recommendations(table), {"models": [i for i in infos if not i.get("skipped")], "skipped": [i for i in infos if i.get("skipped")]}
 
 
 # ---- metrics and report (computed in align3gr_pipelines.evaluation.report) ----

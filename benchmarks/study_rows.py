@@ -190,7 +190,6 @@ QUICK_OVERRIDES: dict[str, Any] = {
     "rf_dpo.recommend.beam_width": 6,
     "evaluation.beam_width": 10,
     "evaluation.top_k": 10,
-    "evaluation.max_users.test": 60,
     "evaluation.max_users.valid": 20,
     "evaluation.bootstrap.n_resamples": 50,
     "evaluation.paired_test.n_permutations": 200,

@@ -402,7 +402,9 @@ class Study:
 
 
 SELECTION_FILE = "sft_selection.json"
-SELECTION_KEYS = ("best_valid_recall@10", "best_eval_loss", "global_step")
+# selected_valid_recall@10_confirm: with model_selection.confirm_half, the chosen checkpoint's recall on the
+# valid users it was not chosen on (unbiased, unlike the best of N on the same users).
+SELECTION_KEYS = ("best_valid_recall@10", "selected_valid_recall@10_confirm", "best_eval_loss", "global_step")
 
 
 def sft_selection(sft_metrics: dict[str, Any]) -> dict[str, float]:
@@ -434,8 +436,8 @@ def _selection_table(out: Path) -> list[str]:
     sel, long = gather_selection(out), gather_all(out)
     if not len(sel):
         return ["No job recorded its SFT selection yet."]
-    lines = ["| run | seeds | best valid recall@10 (selection) | per seed | valid loss | test recall@10 (sft) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | best valid recall@10 (selection) | per seed | on the confirm half | valid loss | test recall@10 (sft) |",
+             "|---|---|---|---|---|---|---|"]
     sft_rows = {line.run for line in LINES if line.model == "sft"}  # DPO variants reuse full's SFT: shown once
     for run, g in sel[sel["run"].isin(sft_rows)].groupby("run", sort=True):
         rec = g[g["key"] == "best_valid_recall@10"].sort_values("seed")
@@ -443,9 +445,11 @@ def _selection_table(out: Path) -> list[str]:
         test = long[(long["run"] == run) & (long["model"] == "sft") & (long["split"] == "test")
                     & (long["metric"] == "recall@10")].sort_values("seed")
         m, h = mean_ci(rec["value"].tolist())
+        confirm = g[g["key"] == "selected_valid_recall@10_confirm"].sort_values("seed")
+        conf_cell = " / ".join(f"{v:.4f}" for v in confirm["value"]) if len(confirm) else "–"
         tm, th = mean_ci(test["value"].tolist()) if len(test) else (float("nan"), float("nan"))
         lines.append(f"| {run} | {','.join(map(str, rec['seed']))} | {m:.4f}" + (f" ± {h:.4f}" if h == h else "")
-                     + " | " + " / ".join(f"{v:.4f}" for v in rec["value"]) + f" | {loss['value'].mean():.3f} | "
+                     + " | " + " / ".join(f"{v:.4f}" for v in rec["value"]) + f" | {conf_cell} | {loss['value'].mean():.3f} | "
                      + (f"{tm:.4f}" + (f" ± {th:.4f}" if th == th else "") if tm == tm else "–") + " |")
     return lines
 

@@ -20,20 +20,18 @@ ITEM_FEATURES = ("text", "lcrec_codes")
 ITEM_SCIDS_FROM = ("rq_vae", "lcrec_index")
 
 
+def _choice(value: Any, allowed: tuple[str, ...], key: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"parameters_tokenization.yml: tokenization.{key} must be one of {list(allowed)}, got {value!r}")
+    return str(value)
+
+
 def item_features_mode(semantic_params: dict[str, Any]) -> str:
-    mode = semantic_params.get("item_features", "text")
-    if mode not in ITEM_FEATURES:
-        raise ValueError(f"parameters_tokenization.yml: tokenization.semantic_encoder.item_features must be one of "
-                         f"{list(ITEM_FEATURES)}, got {mode!r}")
-    return str(mode)
+    return _choice(semantic_params.get("item_features", "text"), ITEM_FEATURES, "semantic_encoder.item_features")
 
 
 def item_scids_source(params: dict[str, Any]) -> str:
-    source = params.get("item_scids_from", "rq_vae")
-    if source not in ITEM_SCIDS_FROM:
-        raise ValueError(f"parameters_tokenization.yml: tokenization.item_scids_from must be one of "
-                         f"{list(ITEM_SCIDS_FROM)}, got {source!r}")
-    return str(source)
+    return _choice(params.get("item_scids_from", "rq_vae"), ITEM_SCIDS_FROM, "item_scids_from")
 
 
 def lcrec_codes(path: str | None, item_ids: list[str], why: str) -> np.ndarray:

@@ -121,13 +121,7 @@ def resolve_collisions(
     residuals, codebooks = np.asarray(residuals, dtype=np.float64), np.asarray(codebooks, dtype=np.float64)
     n, levels = codes.shape
     k = codebooks.shape[1]
-    report: dict[str, Any] = {
-        "method": "tail_reassignment",
-        "colliding_items_before": int(colliding_mask(codes).sum()),
-        "items_reassigned": 0,
-        "extra_level_added": False,
-        "items_with_extra_code": 0,
-    }
+    report = _new_report("tail_reassignment", codes)
     for tail in range(1, min(max_tail, levels) + 1):
         if not colliding_mask(codes).any() or k**tail > MAX_TAIL_CANDIDATES:
             break
@@ -135,6 +129,11 @@ def resolve_collisions(
         report[f"items_reassigned_tail{tail}"] = moved
         report["items_reassigned"] += moved  # moves, an item moved at both depths counts twice
     return _finish(original, codes, report)
+
+
+def _new_report(method: str, codes: np.ndarray) -> dict[str, Any]:
+    return {"method": method, "colliding_items_before": int(colliding_mask(codes).sum()), "items_reassigned": 0,
+            "extra_level_added": False, "items_with_extra_code": 0}
 
 
 def _finish(original: np.ndarray, codes: np.ndarray, report: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -173,13 +172,7 @@ def resolve_fixed_collisions(codes: np.ndarray, codebook_size: int) -> tuple[np.
         raise ValueError(f"resolve_fixed_collisions: codes must lie in [0, {codebook_size}), got "
                          f"[{int(original.min())}, {int(original.max())}]")
     codes = original.copy()
-    report: dict[str, Any] = {
-        "method": "lowest_free_last_code",
-        "colliding_items_before": int(colliding_mask(codes).sum()),
-        "items_reassigned": 0,
-        "extra_level_added": False,
-        "items_with_extra_code": 0,
-    }
+    report = _new_report("lowest_free_last_code", codes)
     clash = colliding_mask(codes)
     if clash.any():
         prefix_of = _group_ids(codes[:, :-1])

@@ -16,8 +16,11 @@ from align3gr_pipelines.tracking import warning_filters  # noqa: E402
 warning_filters.install()
 
 from align3gr_pipelines.tracking.hooks import PROJECT_HOOKS  # noqa: E402
+from align3gr_pipelines.tracking.param_validation_hook import ParamValidationHooks  # noqa: E402
 
-HOOKS = PROJECT_HOOKS
+# Last: among the tryfirst before_pipeline_run hooks the last registered runs first, so bad parameters stop
+# the run before anything else starts (docs/parameters.md).
+HOOKS = (*PROJECT_HOOKS, ParamValidationHooks())
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

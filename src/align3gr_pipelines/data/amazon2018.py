@@ -21,7 +21,16 @@ import pandas as pd
 
 from .canonical import RawTables
 from .errors import DataPrepError, MalformedLines
-from .textio import numbered_lines, read_table, require_file, to_float, to_int
+from .textio import (
+    TextDecoding,
+    first_line,
+    numbered_lines,
+    read_table,
+    require_file,
+    to_float,
+    to_int,
+    warn_replaced,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +63,8 @@ def _json_line(line: str) -> dict:
     return obj
 
 
-def _read_ratings(path, bad: MalformedLines) -> pd.DataFrame:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        first = f.readline().strip().lstrip("\ufeff").split(",")
+def _read_ratings(path, bad: MalformedLines, text: TextDecoding) -> pd.DataFrame:
+    first = first_line(path, text).strip().lstrip("\ufeff").split(",")
     names = [x.strip() for x in first]
     if any(any(n in aliases for aliases in _HEADER_ALIASES.values()) for n in names):
         rename = {}
@@ -68,22 +76,28 @@ def _read_ratings(path, bad: MalformedLines) -> pd.DataFrame:
                 )
             rename[hit[0]] = canon
         df = read_table(path, list(rename), {k: (to_float if v == "rating" else to_int if v == "timestamp" else str)
-                                             for k, v in rename.items()}, bad, header=True)
+                                             for k, v in rename.items()}, bad, text, header=True)
         return df.rename(columns=rename)
-    return read_table(path, ["item_id", "user_id", "rating", "timestamp"], {"rating": to_float, "timestamp": to_int}, bad)
+    return read_table(path, ["item_id", "user_id", "rating", "timestamp"], {"rating": to_float, "timestamp": to_int}, bad,
+                      text)
 
 
 def load_amazon2018(
-    ratings_path: str | None, meta_path: str | None, reviews_path: str | None = None, malformed: str = "skip"
+    ratings_path: str | None,
+    meta_path: str | None,
+    reviews_path: str | None = None,
+    malformed: str = "skip",
+    text: TextDecoding | None = None,
 ) -> RawTables:
+    text = text or TextDecoding(parameter="data_prep.amazon2018.encoding")
     rp = require_file(ratings_path, "an Amazon 2018 ratings CSV (item,user,rating,timestamp)", "data_prep.amazon2018.ratings_path")
     mp = require_file(meta_path, "Amazon 2018 metadata, one JSON object per line", "data_prep.amazon2018.meta_path")
     counters = [MalformedLines(str(rp), malformed), MalformedLines(str(mp), malformed)]
-    inter = _read_ratings(rp, counters[0])
+    inter = _read_ratings(rp, counters[0], text)
 
     rows: dict[str, tuple] = {}
     identical_dups = 0
-    for no, line in numbered_lines(mp):
+    for no, line in numbered_lines(mp, text):
         try:
             obj = _json_line(line)
             asin = obj["asin"]
@@ -117,16 +131,16 @@ def load_amazon2018(
         vbad = MalformedLines(str(vp), malformed)
         counters.append(vbad)
         texts: dict[tuple[str, str], str] = {}
-        for no, line in numbered_lines(vp):
+        for no, line in numbered_lines(vp, text):
             try:
                 obj = _json_line(line)
                 key = (str(obj["reviewerID"]), str(obj["asin"]))
             except (ValueError, SyntaxError, KeyError) as exc:
                 vbad.bad(no, f"not a review record with reviewerID and asin ({type(exc).__name__})")
                 continue
-            text = " ".join(x for x in (_clean(obj.get("summary")), _clean(obj.get("reviewText"))) if x)
-            if text and key not in texts:
-                texts[key] = text
+            review = " ".join(x for x in (_clean(obj.get("summary")), _clean(obj.get("reviewText"))) if x)
+            if review and key not in texts:
+                texts[key] = review
         inter["review"] = [texts.get((u, i)) for u, i in zip(inter["user_id"], inter["item_id"])]
 
     for c in counters:
@@ -139,5 +153,5 @@ def load_amazon2018(
         has_ratings=True,
         report={"source": "amazon2018", "interactions_file": str(rp), "items_file": str(mp),
                 "users_file": f"{rp} (users)", "malformed_lines_skipped": {c.path: c.count for c in counters if c.count},
-                "notes": notes},
+                "decode_errors_replaced": warn_replaced(text, log), "notes": notes},
     )

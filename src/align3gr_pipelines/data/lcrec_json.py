@@ -23,17 +23,17 @@ import pandas as pd
 
 from .canonical import RawTables
 from .errors import DataPrepError, MalformedLines
-from .textio import open_text, require_file
+from .textio import TextDecoding, read_text, require_file, warn_replaced
 
 log = logging.getLogger(__name__)
 
 _CODE_RE = re.compile(r"^<([a-z])_(\d+)>$")
 
 
-def _read_json(path: Path) -> object:
+def _read_json(path: Path, text: TextDecoding | None = None) -> object:
+    text = text or TextDecoding(parameter="data_prep.lcrec_json.encoding")
     try:
-        with open_text(path) as f:
-            return json.load(f)
+        return json.loads(read_text(path, text))
     except json.JSONDecodeError as exc:
         raise DataPrepError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
 
@@ -48,7 +48,10 @@ def _text(value: object) -> str | None:
     return value or None
 
 
-def load_lcrec_json(path: str | None, name: str | None, malformed: str = "skip") -> RawTables:
+def load_lcrec_json(
+    path: str | None, name: str | None, malformed: str = "skip", text: TextDecoding | None = None
+) -> RawTables:
+    text = text or TextDecoding(parameter="data_prep.lcrec_json.encoding")
     if path is None or not Path(path).is_dir():
         raise DataPrepError(f"{path}: folder not found; expected an LC-Rec dataset folder (parameter data_prep.lcrec_json.path)")
     if not name:
@@ -56,7 +59,7 @@ def load_lcrec_json(path: str | None, name: str | None, malformed: str = "skip")
     folder = Path(path)
     ip = require_file(folder / f"{name}.inter.json", "{user: [item, ...]} interactions", "data_prep.lcrec_json.path/name")
     bad = MalformedLines(str(ip), malformed)
-    inter_json = _read_json(ip)
+    inter_json = _read_json(ip, text)
     if not isinstance(inter_json, dict):
         raise DataPrepError(f"{ip}: expected a JSON object mapping user id to a list of item ids, got {type(inter_json).__name__}")
     users, items_col, ts = [], [], []
@@ -75,7 +78,7 @@ def load_lcrec_json(path: str | None, name: str | None, malformed: str = "skip")
     mp = folder / f"{name}.item.json"
     item_ids = sorted(set(items_col), key=lambda x: (len(x), x))
     if mp.is_file():
-        meta = _read_json(mp)
+        meta = _read_json(mp, text)
         if not isinstance(meta, dict):
             raise DataPrepError(f"{mp}: expected a JSON object mapping item id to its fields, got {type(meta).__name__}")
         mbad = MalformedLines(str(mp), malformed)
@@ -105,7 +108,7 @@ def load_lcrec_json(path: str | None, name: str | None, malformed: str = "skip")
     up = folder / f"{name}.user.json"
     profiles = pd.DataFrame(columns=["user_id", "profile"])
     if up.is_file():
-        uj = _read_json(up)
+        uj = _read_json(up, text)
         if isinstance(uj, dict) and "user_explicit_preference" in uj:
             uj = uj["user_explicit_preference"]
         if not isinstance(uj, dict):
@@ -128,8 +131,10 @@ def load_lcrec_json(path: str | None, name: str | None, malformed: str = "skip")
         users=profiles,
         interactions=interactions,
         has_ratings=False,
+        has_timestamps=False,
         report={"source": "lcrec_json", "interactions_file": str(ip), "items_file": str(mp), "users_file": str(up),
-                "malformed_lines_skipped": skipped, "notes": notes},
+                "malformed_lines_skipped": skipped, "decode_errors_replaced": warn_replaced(text, log),
+                "notes": notes},
     )
 
 
@@ -155,7 +160,7 @@ def read_lcrec_index(path: str | Path) -> dict[str, list[int]]:
     if not p.is_file():
         raise DataPrepError(f"{p}: LC-Rec index file not found; expected {{item: ['<a_12>', '<b_200>', ...]}} "
                             "(LC-Rec's {name}.index.json, parameter tokenization.semantic_encoder.lcrec_index)")
-    raw = _read_json(p)
+    raw = _read_json(p, TextDecoding(parameter="tokenization.semantic_encoder.lcrec_index"))
     if not isinstance(raw, dict) or not raw:
         raise DataPrepError(f"{p}: expected a non-empty JSON object mapping item id to its list of code tokens, "
                             f"got {type(raw).__name__}")

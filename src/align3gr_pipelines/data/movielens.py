@@ -18,7 +18,7 @@ import pandas as pd
 
 from .canonical import TAG_COLUMNS, RawTables
 from .errors import DataPrepError, MalformedLines
-from .textio import read_table, require_file, to_float, to_int
+from .textio import TextDecoding, read_table, require_file, to_float, to_int, warn_replaced
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,10 @@ def _movie_items(ids: list, titles: list[str], genres: list[list[str]]) -> pd.Da
     return pd.DataFrame(rows, columns=["item_id", "title", "description", "brand", "categories"])
 
 
-def load_movielens(path: str | None, malformed: str = "skip") -> RawTables:
+def load_movielens(path: str | None, malformed: str = "skip", text: TextDecoding | None = None) -> RawTables:
+    """``text.encoding`` None keeps each file's release encoding: Latin-1 for ML-1M and ML-100K's
+    ``u.item`` and ``u.user``, UTF-8 for the rest (ml-latest, and ML-100K's all-digit ``u.data``)."""
+    text = text or TextDecoding(parameter="data_prep.movielens.encoding")
     if path is None or not Path(path).is_dir():
         raise DataPrepError(
             f"{path}: folder not found; expected a MovieLens folder (parameter data_prep.movielens.path)"
@@ -86,6 +89,7 @@ def load_movielens(path: str | None, malformed: str = "skip") -> RawTables:
 
     users = pd.DataFrame(columns=["user_id", "profile"])
     tags = pd.DataFrame(columns=TAG_COLUMNS)
+    empty_files: list[str] = []
     if layout == "ml-100k":
         rp = require_file(folder / "u.data", "ML-100K ratings (user, item, rating, timestamp; tab-separated)",
                           "data_prep.movielens.path")
@@ -93,16 +97,16 @@ def load_movielens(path: str | None, malformed: str = "skip") -> RawTables:
                           "data_prep.movielens.path")
         inter = read_table(rp, ["user_id", "item_id", "rating", "timestamp"],
                            {"user_id": to_int, "item_id": to_int, "rating": to_float, "timestamp": to_int},
-                           counter(rp), sep="\t")
+                           counter(rp), text, sep="\t")
         cols = ["item_id", "title", "date", "video", "url", *[f"g{k}" for k in range(19)]]
-        raw = read_table(ip, cols, {"item_id": to_int, **{f"g{k}": to_int for k in range(19)}}, counter(ip),
+        raw = read_table(ip, cols, {"item_id": to_int, **{f"g{k}": to_int for k in range(19)}}, counter(ip), text,
                          sep="|", encoding="latin-1")
         genres = [[ML100K_GENRES[k] for k in range(19) if r[f"g{k}"] == 1] for _, r in raw.iterrows()]
         items = _movie_items(raw["item_id"].tolist(), raw["title"].tolist(), genres)
         up = folder / "u.user"
         if up.is_file():
             u = read_table(up, ["user_id", "age", "gender", "occupation", "zip"], {"user_id": to_int, "age": to_int},
-                           counter(up), sep="|", encoding="latin-1")
+                           counter(up), text, sep="|", encoding="latin-1")
             users = pd.DataFrame({
                 "user_id": u["user_id"].astype(str),
                 "profile": [f"Age {a}, {'male' if g == 'M' else 'female' if g == 'F' else g}, occupation: {o}."
@@ -115,14 +119,14 @@ def load_movielens(path: str | None, malformed: str = "skip") -> RawTables:
         ip = require_file(folder / "movies.dat", "ML-1M movies (MovieID::Title::Genres)", "data_prep.movielens.path")
         inter = read_table(rp, ["user_id", "item_id", "rating", "timestamp"],
                            {"user_id": to_int, "item_id": to_int, "rating": to_float, "timestamp": to_int},
-                           counter(rp), sep="::", encoding="latin-1")
-        raw = read_table(ip, ["item_id", "title", "genres"], {"item_id": to_int}, counter(ip), sep="::",
+                           counter(rp), text, sep="::", encoding="latin-1")
+        raw = read_table(ip, ["item_id", "title", "genres"], {"item_id": to_int}, counter(ip), text, sep="::",
                          encoding="latin-1")
         items = _movie_items(raw["item_id"].tolist(), raw["title"].tolist(), [g.split("|") for g in raw["genres"]])
         up = folder / "users.dat"
         if up.is_file():
             u = read_table(up, ["user_id", "gender", "age", "occupation", "zip"],
-                           {"user_id": to_int, "age": to_int, "occupation": to_int}, counter(up), sep="::",
+                           {"user_id": to_int, "age": to_int, "occupation": to_int}, counter(up), text, sep="::",
                            encoding="latin-1")
             users = pd.DataFrame({
                 "user_id": u["user_id"].astype(str),
@@ -138,14 +142,19 @@ def load_movielens(path: str | None, malformed: str = "skip") -> RawTables:
         ip = require_file(folder / "movies.csv", "movies (movieId,title,genres)", "data_prep.movielens.path")
         inter = read_table(rp, ["userId", "movieId", "rating", "timestamp"],
                            {"userId": to_int, "movieId": to_int, "rating": to_float, "timestamp": to_int},
-                           counter(rp), header=True).rename(columns={"userId": "user_id", "movieId": "item_id"})
-        raw = read_table(ip, ["movieId", "title", "genres"], {"movieId": to_int}, counter(ip), header=True)
+                           counter(rp), text, header=True).rename(columns={"userId": "user_id", "movieId": "item_id"})
+        raw = read_table(ip, ["movieId", "title", "genres"], {"movieId": to_int}, counter(ip), text, header=True)
         items = _movie_items(raw["movieId"].tolist(), raw["title"].tolist(), [g.split("|") for g in raw["genres"]])
         tp = folder / "tags.csv"
         if tp.is_file():
             tags = read_table(tp, ["userId", "movieId", "tag", "timestamp"],
-                              {"userId": to_int, "movieId": to_int, "timestamp": to_int}, counter(tp), header=True)
+                              {"userId": to_int, "movieId": to_int, "timestamp": to_int}, counter(tp), text, header=True)
             tags = tags.rename(columns={"userId": "user_id", "movieId": "item_id"})
+            if tags.empty:
+                # Not an error (profiles fall back to the training-period history), but not silent either.
+                empty_files.append(str(tp))
+                log.warning("%s: no tags (the file is empty, holds only its header, or every line was malformed); "
+                            "user profiles come from the training-period history instead", tp)
         files = (rp, ip, tp)
 
     dup = items["item_id"][items["item_id"].duplicated()]
@@ -169,6 +178,8 @@ def load_movielens(path: str | None, malformed: str = "skip") -> RawTables:
             "items_file": str(files[1]),
             "users_file": str(files[2]),
             "malformed_lines_skipped": skipped,
+            "decode_errors_replaced": warn_replaced(text, log),
+            "empty_files": empty_files,
             "notes": [],
         },
     )

@@ -1,8 +1,9 @@
 """`data_prep.source` → the loader that reads it."""
 from __future__ import annotations
 
-from .canonical import RawTables
+from .canonical import CONFLICT_RULES, RawTables, timestamp_settings
 from .errors import DataPrepError
+from .textio import DECODE_POLICIES, TextDecoding, check_encoding
 
 SOURCES = ("demo", "movielens", "lcrec_json", "amazon2018")
 
@@ -12,6 +13,17 @@ def _section(params: dict, name: str) -> dict:
     if not isinstance(section, dict):
         raise DataPrepError(f"parameter data_prep.{name} must be a mapping of the {name} loader's options, got {section!r}")
     return section
+
+
+def _encoding(section: dict, name: str, default: str) -> str | None:
+    """The source's ``encoding``; ``auto`` (MovieLens) leaves each file its release encoding."""
+    value = section.get("encoding", default)
+    return None if value == "auto" else check_encoding(value, f"data_prep.{name}.encoding")
+
+
+def _decoding(params: dict, section: dict, name: str, default: str) -> TextDecoding:
+    return TextDecoding(encoding=_encoding(section, name, default), on_error=str(params.get("on_decode_error", "raise")),
+                        parameter=f"data_prep.{name}.encoding")
 
 
 def load_source(params: dict, seed: int) -> RawTables:
@@ -31,12 +43,13 @@ def load_source(params: dict, seed: int) -> RawTables:
         from .movielens import load_movielens
 
         p = _section(params, "movielens")
-        return load_movielens(p.get("path"), malformed=policy)
+        return load_movielens(p.get("path"), malformed=policy, text=_decoding(params, p, "movielens", "auto"))
     if source == "lcrec_json":
         from .lcrec_json import load_lcrec_json
 
         p = _section(params, "lcrec_json")
-        return load_lcrec_json(p.get("path"), name=p.get("name"), malformed=policy)
+        return load_lcrec_json(p.get("path"), name=p.get("name"), malformed=policy,
+                               text=_decoding(params, p, "lcrec_json", "utf-8"))
     if source == "amazon2018":
         from .amazon2018 import load_amazon2018
 
@@ -46,6 +59,7 @@ def load_source(params: dict, seed: int) -> RawTables:
             meta_path=p.get("meta_path"),
             reviews_path=p.get("reviews_path"),
             malformed=policy,
+            text=_decoding(params, p, "amazon2018", "utf-8"),
         )
         raw.report["k_core"] = int(p.get("k_core", 5))  # the standard Amazon preprocessing
         return raw
@@ -61,6 +75,20 @@ def check_params(params: dict) -> None:
     if str(params.get("malformed_lines", "skip")) not in ("skip", "fail"):
         raise DataPrepError(
             f"parameter data_prep.malformed_lines must be 'skip' or 'fail', got {params.get('malformed_lines')!r}"
+        )
+    if params.get("on_decode_error", "raise") not in DECODE_POLICIES:
+        raise DataPrepError(
+            f"parameter data_prep.on_decode_error must be one of {list(DECODE_POLICIES)}, "
+            f"got {params.get('on_decode_error')!r}"
+        )
+    source = params["source"]
+    if source != "demo":
+        _encoding(_section(params, source), source, "auto" if source == "movielens" else "utf-8")
+    timestamp_settings(params)
+    if params.get("conflicting_duplicates", "first") not in CONFLICT_RULES:
+        raise DataPrepError(
+            f"parameter data_prep.conflicting_duplicates must be one of {list(CONFLICT_RULES)}, "
+            f"got {params.get('conflicting_duplicates')!r}"
         )
 
     def integer(name: str, value: object, minimum: int) -> None:

@@ -78,7 +78,8 @@ def dataset_stats(
         "cleaning": {
             k: report[k]
             for k in (
-                "malformed_lines_skipped", "duplicate_interactions_removed", "k_core", "k_core_users_removed",
+                "malformed_lines_skipped", "decode_errors_replaced", "empty_files", "timestamps_out_of_range_dropped",
+                "duplicate_interactions_removed", "duplicate_interactions", "k_core", "k_core_users_removed",
                 "k_core_interactions_removed", "users_dropped_short", "items_dropped_unused",
                 "items_without_metadata",
             )

@@ -91,7 +91,7 @@ def test_failed_run_leaves_earlier_outputs_intact(tmp_path, ml_latest):
 
 
 def test_kedro_session_run_on_tiny_demo(tmp_path):
-    """`kedro run --pipeline=data_prep` in a throwaway copy of the project (so the repo's data/ is untouched)."""
+    """`kedro run --pipelines=data_prep` in a throwaway copy of the project (so the repo's data/ is untouched)."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
@@ -116,3 +116,22 @@ def test_kedro_session_run_on_tiny_demo(tmp_path):
     assert valid["history"].map(len).max() <= 4
     for name in ("items", "users", "interactions"):
         assert (tmp_path / "data" / "02_intermediate" / f"{name}.parquet").is_file()
+
+
+def test_input_checks_reach_dataset_stats(ml_latest):
+    """Replaced bytes, dropped out-of-range timestamps, duplicates by kind and an empty tags.csv all land in
+    dataset_stats.json's cleaning section (the defaults raise instead; see tests/unit/test_data_input_checks.py)."""
+    text = (ml_latest / "ratings.csv").read_text()
+    # user 3 rates movie 1 a second time at the same second with another rating, and once in the year 2100
+    write(ml_latest / "ratings.csv", text + "3,1,1.0,50\n3,3,4.0,4102444800\n")
+    (ml_latest / "movies.csv").write_bytes((ml_latest / "movies.csv").read_bytes().replace(b"Heat", b"H\xe9at"))
+    write(ml_latest / "tags.csv", "userId,movieId,tag,timestamp\n")
+    p = params(source="movielens", movielens={"path": str(ml_latest)}, on_decode_error="replace",
+               timestamps={"on_out_of_range": "drop"})
+    cleaning = run(p).load("dataset_stats")["cleaning"]
+    assert cleaning["decode_errors_replaced"] == {str(ml_latest / "movies.csv"): 1}
+    assert cleaning["timestamps_out_of_range_dropped"] == 1
+    assert cleaning["duplicate_interactions"] == {"exact": 0, "conflicting": 1, "repeated": 0, "conflict_rule": "first"}
+    assert cleaning["empty_files"] == [str(ml_latest / "tags.csv")]
+    with pytest.raises(DataPrepError, match=r"movies.csv, line 3, byte offset \d+: invalid utf-8"):
+        run(dict(p, on_decode_error="raise"))

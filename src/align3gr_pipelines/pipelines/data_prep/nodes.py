@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def load_raw(params: dict, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     check_params(params)
     raw = load_source(params, seed)
-    report = dict(raw.report, has_ratings=raw.has_ratings)
+    report = dict(raw.report, has_ratings=raw.has_ratings, has_timestamps=raw.has_timestamps)
     tags = raw.user_tags if raw.user_tags is not None else pd.DataFrame(columns=TAG_COLUMNS)
     log.info(
         "data_prep source=%s: %d items, %d users, %d interactions, %d tags",
@@ -35,7 +35,8 @@ def clean_tables(
     raw_items: pd.DataFrame, raw_users: pd.DataFrame, raw_interactions: pd.DataFrame, raw_report: dict, params: dict
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     raw = RawTables(raw_items, raw_users, raw_interactions, has_ratings=raw_report["has_ratings"],
-                    report={k: v for k, v in raw_report.items() if k != "has_ratings"})
+                    has_timestamps=raw_report.get("has_timestamps", True),
+                    report={k: v for k, v in raw_report.items() if k not in ("has_ratings", "has_timestamps")})
     items, users, interactions, report = canonicalize(raw, params)
     log.info(
         "canonical: %d users, %d items, %d interactions (dropped %d users with < %d interactions, %d duplicates)",

@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from align3gr_pipelines.datasets.atomic_io import is_local, locate, write_file_atomically
 
 RECORD_VERSION = 1
 # Files that change on every save without the artifact changing: the checkpoint completion marker
@@ -198,43 +200,67 @@ def _safe_name(dataset: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in dataset)
 
 
+def lineage_root(project_path: str | os.PathLike, data_root: str) -> Path | str:
+    """Where an env's lineage records live: ``<data_root>/.lineage``, under the project for a local
+    ``data_root``, beside the data for a remote one (``s3://bucket/data`` -> ``s3://bucket/data/.lineage``)."""
+    if "://" in data_root and not data_root.startswith("file://"):
+        return data_root.rstrip("/") + "/.lineage"
+    local = data_root[len("file://"):] if data_root.startswith("file://") else data_root
+    return Path(project_path) / local / ".lineage"
+
+
 class LineageStore:
-    """One JSON file per dataset under ``root``, each replaced atomically."""
+    """One JSON file per dataset under ``root`` (a local folder or any fsspec URL), each replaced atomically.
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
+    ``root`` and ``path_for`` are Paths for a local root and URLs (``s3://...``) otherwise.
+    """
 
-    def path_for(self, dataset: str) -> Path:
-        return self.root / f"{_safe_name(dataset)}.json"
+    def __init__(self, root: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> None:
+        self._fs, fs_root = locate(root, storage_options)
+        self._local = is_local(self._fs)
+        self._fs_root = fs_root.rstrip("/")
+        self.root: Path | str = Path(fs_root) if self._local else str(root).rstrip("/")
 
-    def write(self, record: LineageRecord) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        target = self.path_for(record.dataset)
-        tmp = self.root / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            with open(tmp, "x", encoding="utf-8") as fh:
-                json.dump(record.to_json(), fh, indent=2, sort_keys=True)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return target
+    def _fs_path(self, dataset: str) -> str:
+        return posixpath.join(self._fs_root, f"{_safe_name(dataset)}.json")
+
+    def path_for(self, dataset: str) -> Path | str:
+        if self._local:
+            return Path(self.root) / f"{_safe_name(dataset)}.json"
+        return f"{self.root}/{_safe_name(dataset)}.json"
+
+    def write(self, record: LineageRecord) -> Path | str:
+        text = json.dumps(record.to_json(), indent=2, sort_keys=True)
+
+        def write(tmp: str) -> None:
+            with self._fs.open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(text)
+
+        write_file_atomically(self._fs, self._fs_path(record.dataset), write)
+        return self.path_for(record.dataset)
 
     def read(self, dataset: str) -> LineageRecord | None:
-        path = self.path_for(dataset)
-        if not path.is_file():
+        path = self._fs_path(dataset)
+        if not self._local:
+            self._fs.invalidate_cache(path)
+        if not self._fs.isfile(path):
             return None
+        where = str(self.path_for(dataset))
+        with self._fs.open(path, "r", encoding="utf-8") as fh:
+            text = fh.read()
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"lineage record {path} is not valid JSON ({exc}); delete it and rerun the node") from exc
-        record = LineageRecord.from_json(data, source=str(path))
+            raise ValueError(f"lineage record {where} is not valid JSON ({exc}); delete it and rerun the node") from exc
+        record = LineageRecord.from_json(data, source=where)
         return record if record.dataset == dataset else None
 
     def delete(self, dataset: str) -> None:
-        self.path_for(dataset).unlink(missing_ok=True)
+        path = self._fs_path(dataset)
+        if self._local:
+            Path(path).unlink(missing_ok=True)
+        elif self._fs.exists(path):
+            self._fs.rm(path)
 
 
 FRESH, STALE, MISSING, UNTRACKED = "fresh", "stale", "missing", "untracked"

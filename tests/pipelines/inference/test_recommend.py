@@ -159,7 +159,7 @@ def test_resolve_checkpoint(tmp_path):
 
 
 def test_atomic_parquet_keeps_the_previous_file_on_a_failed_save(tmp_path):
-    ds = AtomicParquetDataset(str(tmp_path / "out" / "recs.parquet"))
+    ds = AtomicParquetDataset(filepath=str(tmp_path / "out" / "recs.parquet"))
     good = pd.DataFrame({"a": [1, 2]})
     ds.save(good)
     before = (tmp_path / "out" / "recs.parquet").read_bytes()

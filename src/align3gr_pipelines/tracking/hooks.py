@@ -11,6 +11,12 @@ logs every parameter. These hooks add what it cannot know about:
   like ``{"scalars", "curves"}``; curves by step),
   the files a stage writes under ``data/08_reporting`` and small SCID tables as artifacts, and tags
   the run with the git commit, the data fingerprint and, per checkpoint, what it was trained from.
+- ``MlflowRunHooks`` keeps the runs honest: a run left RUNNING by a process that is gone (kill -9) is
+  marked KILLED, a store copied with the project no longer sends artifacts to the original's mlruns/,
+  and a run id given by an orchestrator (``MLFLOW_RUN_ID`` or ``tracking.run.id`` in mlflow.yml) is
+  joined and left RUNNING for the next task (docs/mlflow_orchestrated.md).
+- The served model (``inference``) is logged only when what it is built from changed; otherwise the run
+  is tagged with the URI of the model already logged.
 """
 from __future__ import annotations
 
@@ -28,17 +34,21 @@ from typing import Any
 import mlflow
 from kedro.framework.hooks import hook_impl
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from align3gr_pipelines.datasets import CheckpointDataset
+from align3gr_pipelines.tracking import mlflow_runs
 from align3gr_pipelines.tracking.lineage import (
     ContentFingerprinter,
     LineageRecord,
     LineageStore,
     StalenessChecker,
+    combine,
     fingerprint_path,
     fingerprint_value,
     git_state,
+    lineage_root,
     path_stat,
 )
 
@@ -53,6 +63,11 @@ _METRICS_NAME = re.compile(r"(^|_)metrics($|_)")
 _BAD_METRIC_CHARS = re.compile(r"[^/\w.\- ]")
 _MAX_TAG_CHARS = 8000
 _BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+# The inference stage's served model: the node that logs it, what it is built from, and its parameters.
+RUN_ID_ENV = "MLFLOW_RUN_ID"  # read by conf/base/mlflow.yml (tracking.run.id)
+SERVED_MODEL_OUTPUT = "inference_model"
+SERVED_MODEL_SOURCE = "inference_recommender"
+SERVED_MODEL_PARAMS = "params:inference"
 
 
 class StaleInputError(RuntimeError):
@@ -68,7 +83,7 @@ def data_root(config_loader: Any) -> str:
 
 
 def lineage_store(project_path: str | os.PathLike, root: str = DEFAULT_DATA_ROOT) -> LineageStore:
-    return LineageStore(Path(project_path) / root / ".lineage")
+    return LineageStore(lineage_root(project_path, root))
 
 
 def on_stale_mode() -> str:
@@ -91,7 +106,7 @@ def dataset_local_path(catalog: Any, name: str) -> Path | None:
     if dataset is None or getattr(dataset, "_EPHEMERAL", False):
         return None
     if isinstance(dataset, CheckpointDataset):
-        return Path(dataset._path)
+        return dataset.local_path()  # None on remote storage
     try:
         description = dataset._describe()
     except Exception:  # a third-party dataset with a broken _describe must not break the run
@@ -282,14 +297,30 @@ def metrics_to_mlflow(name: str, data: Any) -> list[tuple[str, float, int]]:
     return out
 
 
+def _mlflow_conf(context: Any) -> dict[str, Any] | None:
+    try:
+        conf = context.config_loader["mlflow"]
+    except Exception:  # no mlflow.yml: kedro-mlflow's defaults apply
+        return None
+    return dict(conf) if isinstance(conf, Mapping) else None
+
+
+def _replace_mlflow_conf(context: Any, conf: Mapping[str, Any], section: str, key: str, value: Any) -> dict[str, Any]:
+    """``conf`` with ``tracking.<section>.<key>`` set; an explicitly set key bypasses loading from files,
+    so kedro-mlflow reads this version."""
+    tracking = dict(conf.get("tracking") or {})
+    tracking[section] = {**dict(tracking.get(section) or {}), key: value}
+    new = {**conf, "tracking": tracking}
+    context.config_loader["mlflow"] = new
+    return new
+
+
 def anchor_sqlite_uri(context: Any) -> None:
     """Make mlflow.yml's relative ``sqlite:///mlflow.db`` relative to the project, not to the working
     directory: a notebook in notebooks/ must find the same store as `kedro run`, and MLflow caches
     stores by URI, so two projects in one process must not share the text ``sqlite:///mlflow.db``."""
-    loader = context.config_loader
-    try:
-        conf = loader["mlflow"]
-    except Exception:  # no mlflow.yml: kedro-mlflow's defaults apply
+    conf = _mlflow_conf(context)
+    if conf is None:
         return
     server = dict(conf.get("server") or {})
     uri = server.get("mlflow_tracking_uri")
@@ -309,7 +340,101 @@ def anchor_sqlite_uri(context: Any) -> None:
         create_kwargs["artifact_location"] = "mlruns"
         tracking["experiment"] = {**experiment, "create_experiment_kwargs": create_kwargs}
     # An explicitly set key bypasses loading from files, so kedro-mlflow reads this version.
-    loader["mlflow"] = {**conf, "server": server, "tracking": tracking}
+    context.config_loader["mlflow"] = {**conf, "server": server, "tracking": tracking}
+
+
+def _tracking_uri(conf: Mapping[str, Any]) -> str | None:
+    uri = (conf.get("server") or {}).get("mlflow_tracking_uri")
+    return uri if isinstance(uri, str) and uri else None
+
+
+def claim_copied_store(context: Any) -> str | None:
+    """A project copied with its mlflow.db (``cp -a``, a copied worktree) holds the original's experiment,
+    whose artifact location is an absolute path into the original's mlruns/: the copy's artifacts would land
+    there. For a SQLite store inside the project whose artifacts belong inside it too (mlflow.yml's
+    artifact_location null or relative), that experiment is renamed aside (its runs stay readable) and
+    kedro-mlflow creates this project's own. Returns the set-aside experiment's new name, if any."""
+    conf = _mlflow_conf(context)
+    if conf is None:
+        return None
+    uri = _tracking_uri(conf)
+    experiment = dict((conf.get("tracking") or {}).get("experiment") or {})
+    location = (experiment.get("create_experiment_kwargs") or {}).get("artifact_location")
+    name = experiment.get("name")
+    if uri is None or not uri.startswith("sqlite:///") or not name:
+        return None
+    if location is not None and (Path(str(location)).is_absolute() or "://" in str(location)):
+        return None  # an artifact store chosen on purpose, shared or not
+    root = Path(context.project_path)
+    db = Path(uri[len("sqlite:///"):])
+    if not db.is_file() or not mlflow_runs.is_inside(db, root):
+        return None
+    try:
+        return mlflow_runs.set_aside_foreign_experiment(MlflowClient(tracking_uri=uri), str(name), root)
+    except Exception as exc:  # a store we cannot read here: kedro-mlflow reports it when it opens it
+        logger.warning("MLflow: could not check where experiment '%s' keeps its artifacts: %s", name, exc)
+        return None
+
+
+def join_given_run(context: Any) -> str | None:
+    """The run named by mlflow.yml's ``tracking.run.id`` (``MLFLOW_RUN_ID`` by default), checked, with the
+    run's own experiment and name put into the conf so kedro-mlflow joins it as it is. None if none is given."""
+    conf = _mlflow_conf(context)
+    run_id = (((conf or {}).get("tracking") or {}).get("run") or {}).get("id")
+    if not run_id:
+        return None
+    run_id = str(run_id)
+    uri = _tracking_uri(conf) or mlflow.get_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            logger.warning("MLflow: could not read run %s before joining it: %s", run_id, exc)
+            return run_id
+        raise ValueError(
+            f"MLFLOW_RUN_ID / mlflow.yml tracking.run.id = {run_id!r}: no such run in {uri}. Open the shared run "
+            "first (`python -m align3gr_pipelines.tracking.dag_run open` prints its id) or unset it."
+        ) from None
+    if run.info.lifecycle_stage == "deleted":
+        raise ValueError(f"MLFLOW_RUN_ID / mlflow.yml tracking.run.id = {run_id!r}: that run was deleted in {uri}")
+    experiment = client.get_experiment(run.info.experiment_id)
+    conf = _replace_mlflow_conf(context, conf, "experiment", "name", experiment.name)
+    _replace_mlflow_conf(context, conf, "run", "name", run.info.run_name)
+    return run_id
+
+
+class StagePrefixedParams:
+    """kedro-mlflow's parameter logger for a shared run: every stage logs its parameters under ``<stage>/``,
+    so two stages that read one parameter (``seed``) never collide. MLflow refuses to change a logged
+    parameter; a stage rerun into the run with a changed value gets a warning and a ``changed/<name>`` tag
+    instead of a failed task."""
+
+    def __init__(self, log_param: Any, prefix: str) -> None:
+        self._log_param = log_param
+        self.prefix = prefix
+
+    def __call__(self, name: str, value: Any) -> Any:
+        key = f"{self.prefix}/{name}"
+        try:
+            return self._log_param(key, value)
+        except MlflowException as exc:
+            if "Changing param values is not allowed" not in str(exc):
+                raise
+            logger.warning("MLflow: parameter %s was logged to this shared run with another value; now %r (tag changed/%s)", key, value, key)
+            mlflow.set_tag(f"changed/{key}", str(value)[:_MAX_TAG_CHARS])
+            return None
+
+
+def _kedro_mlflow_params_under(prefix: str | None) -> None:
+    """Log kedro-mlflow's parameters under ``prefix/`` (None: as kedro-mlflow names them)."""
+    try:
+        from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook, mlflow_hook
+    except ImportError:  # kedro-mlflow not installed: nothing logs parameters
+        return
+    mlflow_hook.__dict__.pop("_log_param", None)
+    if prefix is not None:
+        mlflow_hook._log_param = StagePrefixedParams(MlflowHook._log_param.__get__(mlflow_hook), prefix)
 
 
 def _forget_previous_kedro_mlflow_run() -> None:
@@ -323,33 +448,76 @@ def _forget_previous_kedro_mlflow_run() -> None:
         return
     if getattr(mlflow_hook, "run_id", None) is not None:
         mlflow_hook.run_id = None
+    _kedro_mlflow_params_under(None)
+
+
+def pipeline_label(run_params: Mapping[str, Any]) -> str:
+    """The stage(s) of a ``kedro run`` as one key: ``sft_train``, ``data_prep_tokenization``, ``__default__``."""
+    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
+    if isinstance(names, str):
+        names = [names]
+    return mlflow_runs.safe_key("+".join(names))
+
+
+def _lineage_record_for(store: LineageStore | None, rel_path: str) -> LineageRecord | None:
+    """The lineage record of the artifact stored at ``rel_path``, so a checkpoint is not rehashed when its
+    files did not change since it was recorded."""
+    if store is None or not isinstance(store.root, Path) or not store.root.is_dir():
+        return None  # no records yet, or remote ones: the checkpoint is hashed
+    for path in sorted(store.root.glob("*.json")):
+        try:
+            record = LineageRecord.from_json(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+        except (OSError, ValueError):
+            continue
+        if record.path == rel_path:
+            return record
+    return None
 
 
 class MlflowLoggingHooks:
-    """Logs stage outputs to the MLflow run that kedro-mlflow opened for this ``kedro run``."""
+    """Logs stage outputs to the MLflow run that kedro-mlflow opened (or joined) for this ``kedro run``."""
 
     def __init__(self, lineage: LineageHooks) -> None:
         self.lineage = lineage
         self.client: MlflowClient | None = None
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._run_opened_outside: str | None = None
+        self.project_path: Path | None = None
+        self.experiment_name: str | None = None
+        self.joined_run_id: str | None = None  # given by id (an orchestrator's shared run): not ours to end
+        self.stage = "__default__"
+        self.stamp: mlflow_runs.ProcessStamp | None = None
+        self._joined_from_env: str | None = None
+        self._served: dict[str, dict[str, str]] = {}
 
     @hook_impl(tryfirst=True)  # before kedro-mlflow reads mlflow.yml
     def after_context_created(self, context: Any) -> None:
         # A run someone opened before the session (an orchestrator) is theirs to close.
         active = mlflow.active_run()
         self._run_opened_outside = active.info.run_id if active else None
+        self.project_path = Path(context.project_path).resolve()
         anchor_sqlite_uri(context)
+        claim_copied_store(context)
+        self.joined_run_id = None if active else join_given_run(context)
+        env_id = os.environ.get(RUN_ID_ENV)
+        self._joined_from_env = env_id if env_id and env_id == self.joined_run_id else None
+        conf = _mlflow_conf(context) or {}
+        self.experiment_name = ((conf.get("tracking") or {}).get("experiment") or {}).get("name")
         _forget_previous_kedro_mlflow_run()
 
     @hook_impl(trylast=True)  # after kedro-mlflow has started the run
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        self.stamp = None
+        self._served = {}
         run = mlflow.active_run()
         if run is None:  # tracking disabled for this pipeline in mlflow.yml
             self.client, self.run_id = None, None
             return
         self.client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
         self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        self.stage = pipeline_label(run_params)
         git = self.lineage.git
         self._tags(
             {
@@ -358,18 +526,26 @@ class MlflowLoggingHooks:
                 "lineage.git_branch": git.branch if git else "unknown",
             }
         )
+        # Who holds the run open, so that the next start can tell a run whose process was killed.
+        stamp = mlflow_runs.ProcessStamp.current(self.stage)
+        self._tags({mlflow_runs.PROJECT_TAG: str(self.project_path), stamp.tag_key: stamp.to_tag()})
+        self.stamp = stamp
+        if self.joined_run_id == self.run_id:
+            self._tags({mlflow_runs.stage_tag(self.stage): "RUNNING"})
+            _kedro_mlflow_params_under(self.stage)
         # A stage rerun on cached inputs still says which data it descends from.
         if self.lineage.local_path("data_fingerprint") is not None:
             path = self.lineage.local_path("data_fingerprint")
             if path.is_file():
                 self._tag_data_fingerprint(path)
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         # A tracking server hiccup must not throw away hours of training whose artifacts are saved.
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as exc:
             logger.warning("MLflow: could not %s: %s", what, exc)
+            return None
 
     def _tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
@@ -385,6 +561,63 @@ class MlflowLoggingHooks:
             for k, v in content.items():
                 if isinstance(v, (str, int, float, bool)):
                     tags[f"lineage.data_fingerprint.{_BAD_METRIC_CHARS.sub('_', str(k))}"] = str(v)
+        self._tags(tags)
+
+    @hook_impl
+    def before_node_run(self, node: Any, catalog: Any, inputs: dict[str, Any], is_async: bool, run_id: str) -> dict[str, Any] | None:
+        """Before the served model is logged: if a model built from exactly the same checkpoint, catalogue and
+        settings is already logged, hand its URI to the node instead of logging another full copy."""
+        if self.run_id is None or SERVED_MODEL_OUTPUT not in node.outputs:
+            return None
+        params = inputs.get(SERVED_MODEL_PARAMS)
+        recommender = inputs.get(SERVED_MODEL_SOURCE)
+        if not isinstance(params, Mapping) or not params.get("log_model", True) or recommender is None:
+            return None
+        fingerprint = self._served_model_fingerprint(recommender, params)
+        if fingerprint is None:
+            return None
+        self._served[node.name] = {"fingerprint": fingerprint}
+        found = self._guard(
+            "look for a logged model with the same inputs",
+            mlflow_runs.served_model_uri, self.client, self.experiment_id, fingerprint,
+        )
+        if not found:
+            return None
+        uri, origin = found
+        self._served[node.name].update(uri=uri, origin=origin)
+        logger.info("MLflow: the served model's inputs are unchanged since run %s; reusing %s", origin, uri)
+        return {SERVED_MODEL_PARAMS: {**params, "reuse_model_uri": uri}}
+
+    def _served_model_fingerprint(self, recommender: Any, params: Mapping[str, Any]) -> str | None:
+        """What the served model is built from: the recommender's parameters and persisted inputs (as the
+        lineage hooks recorded them), the checkpoint's content and this node's settings."""
+        deps = self.lineage._ephemeral.get(SERVED_MODEL_SOURCE)
+        checkpoint = getattr(recommender, "checkpoint_dir", None)
+        if deps is None or checkpoint is None:
+            return None
+        path = Path(checkpoint)
+        known = _lineage_record_for(self.lineage.store, _relative(path, self.lineage.project_path))
+        content = self.lineage._fingerprinter(path, known)
+        if content is None:
+            return None
+        dep_params, dep_inputs = deps
+        settings = {k: v for k, v in params.items() if k != "reuse_model_uri"}
+        return combine({**dep_params, **dep_inputs, "checkpoint": content, SERVED_MODEL_PARAMS: fingerprint_value(settings)})
+
+    @hook_impl
+    def after_node_run(self, node: Any, outputs: dict[str, Any]) -> None:
+        served = self._served.pop(node.name, None)
+        out = outputs.get(SERVED_MODEL_OUTPUT)
+        if served is None or self.run_id is None or not isinstance(out, Mapping):
+            return
+        tags = {mlflow_runs.SERVED_FINGERPRINT_TAG: served["fingerprint"]}
+        if out.get("logged") and out.get("model_uri"):
+            tags[mlflow_runs.SERVED_URI_TAG] = str(out["model_uri"])
+        elif served.get("uri") and out.get("model_uri") == served["uri"]:
+            tags[mlflow_runs.SERVED_URI_TAG] = served["uri"]
+            tags[mlflow_runs.SERVED_REUSED_TAG] = served["origin"]
+        else:
+            return
         self._tags(tags)
 
     @hook_impl(trylast=True)  # after LineageHooks wrote the record
@@ -444,9 +677,26 @@ class MlflowLoggingHooks:
             return
         if self.lineage.written:
             records = {name: r.to_json() for name, r in sorted(self.lineage.written.items())}
-            self._guard("log lineage.json", self.client.log_dict, self.run_id, records, "lineage/lineage.json")
+            # In a shared run every stage keeps its own record of what it wrote.
+            where = f"lineage/{self.stage}/lineage.json" if self.joined_run_id == self.run_id else "lineage/lineage.json"
+            self._guard("log lineage.json", self.client.log_dict, self.run_id, records, where)
         if self.lineage.stale_consumed:
             self._tags({"lineage.stale_inputs": ",".join(sorted(self.lineage.stale_consumed))})
+
+    def _release(self, stage_status: str) -> None:
+        """This process no longer holds the run: drop its stamp; in a shared run, record the stage's outcome."""
+        if self.run_id is None:
+            return
+        if self.stamp is not None:
+            self._guard("remove the process tag", self.client.delete_tag, self.run_id, self.stamp.tag_key)
+            self.stamp = None
+        if self.joined_run_id == self.run_id:
+            self._tags({mlflow_runs.stage_tag(self.stage): stage_status})
+            _kedro_mlflow_params_under(None)
+        if self._joined_from_env:
+            # mlflow.end_run() unsets MLFLOW_RUN_ID; the next session in this process (a notebook) is a
+            # task of the same DAG run as much as this one was.
+            os.environ[RUN_ID_ENV] = self._joined_from_env
 
     @hook_impl(trylast=True)  # after kedro-mlflow ended the run; the client can still log to it
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
@@ -457,11 +707,40 @@ class MlflowLoggingHooks:
         if self.run_id is not None and self.run_id != self._run_opened_outside:
             while (active := mlflow.active_run()) is not None and active.info.run_id == self.run_id:
                 mlflow.end_run()
+        self._release("FINISHED")
+        if self.run_id is not None and self.joined_run_id == self.run_id:
+            # kedro-mlflow ended the shared run; it stays open for the next task (FAILED if a stage failed).
+            run = self._guard("read the shared run", self.client.get_run, self.run_id)
+            if run is not None:
+                status = mlflow_runs.shared_run_status(run.data.tags, "RUNNING")
+                self._guard("keep the shared run open", self.client.update_run, self.run_id, status)
 
-    @hook_impl(tryfirst=True)
+    @hook_impl(trylast=True)  # after kedro-mlflow ended the run FAILED (a retry that joins it reopens it)
     def on_pipeline_error(self, error: Exception, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
         self._summarize()
+        self._release("FAILED")
+
+
+class AbandonedRunHooks:
+    """Before a run starts: runs of this project left RUNNING by a process that is gone are marked KILLED."""
+
+    def __init__(self, logging_hooks: MlflowLoggingHooks) -> None:
+        self.logging_hooks = logging_hooks
+
+    @hook_impl(tryfirst=True)  # before kedro-mlflow starts (or joins) this run
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline: Any, catalog: Any) -> None:
+        name, project = self.logging_hooks.experiment_name, self.logging_hooks.project_path
+        if not name or project is None:
+            return
+        try:
+            client = MlflowClient(tracking_uri=mlflow.get_tracking_uri())
+            experiment = client.get_experiment_by_name(name)
+            if experiment is not None:
+                mlflow_runs.reap_abandoned_runs(client, experiment.experiment_id, str(project))
+        except Exception as exc:  # housekeeping must never stop a run
+            logger.warning("MLflow: could not check for runs left RUNNING by killed processes: %s", exc)
 
 
 _lineage_hooks = LineageHooks()
-PROJECT_HOOKS: tuple = (_lineage_hooks, MlflowLoggingHooks(_lineage_hooks))
+_mlflow_hooks = MlflowLoggingHooks(_lineage_hooks)
+PROJECT_HOOKS: tuple = (_lineage_hooks, _mlflow_hooks, AbandonedRunHooks(_mlflow_hooks))

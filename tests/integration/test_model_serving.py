@@ -1,5 +1,8 @@
-"""The logged recommender served by `mlflow models serve --env-manager local` on loopback: a REST request
-gets the Python API's list for that history, and a bad request gets a 400 that names the problem."""
+"""The logged recommender served over HTTP on loopback by the project's server
+(`python -m align3gr_pipelines.serving.server`): a REST request gets the Python API's list for that history,
+a bad or hostile request gets a short 4xx that names the problem first and never echoes the body. The same
+logged model through MLflow's own scoring code (`mlflow models serve`'s request handler, called in-process)
+answers the same list and rejects a misspelt field by name."""
 from __future__ import annotations
 
 import json
@@ -17,6 +20,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
 
 from align3gr_pipelines.serving.recommend import PromptSettings, Recommender
 from align3gr_pipelines.serving.recommender_model import log_recommender
@@ -24,6 +30,7 @@ from tests.pipelines.inference.tiny_project import items_table, save_checkpoints
 from tests.pipelines.sp_dpo_curriculum.tiny_world import make_world
 
 START_TIMEOUT_S = 120  # measured ~25 s on 2 busy cores: artifacts download, torch import, checkpoint load
+MAX_BODY_BYTES = 200_000
 REQUEST_TIMEOUT_S = 30
 
 
@@ -33,15 +40,22 @@ class Served:
     log: Path
     recommender: Recommender
     catalogue: set[str]
+    model_uri: str
+    tracking_uri: str
+    pid: int
 
     def post(self, body: bytes | dict) -> tuple[int, dict]:
+        status, raw = self.post_raw(body)
+        return status, json.loads(raw or b"{}")
+
+    def post_raw(self, body: bytes | dict) -> tuple[int, bytes]:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         req = urllib.request.Request(f"{self.url}/invocations", data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
-                return resp.status, json.loads(resp.read())
+                return resp.status, resp.read()
         except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+            return err.code, err.read()
         except OSError as err:
             pytest.fail(f"the model server did not answer: {err}\n--- server log ---\n{self.log_tail()}")
 
@@ -56,7 +70,7 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    # `mlflow models serve` execs uvicorn in a child: end the process group we started, nothing else.
+    # End the process group we started (uvicorn and any worker it forked), nothing else.
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
@@ -71,15 +85,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def _serve(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Popen, str]:
     """Starts the server and waits until /ping answers; fails with the server's log if it never does."""
-    bin_dir = Path(sys.executable).parent  # uvicorn is looked up on PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri}
+    env.pop("ALIGN3GR_TORCH_THREADS", None)  # the default (1) is under test
     for attempt in range(3):  # a port taken between choosing and binding it: retry on another
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                [sys.executable, "-m", "align3gr_pipelines.serving.server", "-m", model_uri, "--host", "127.0.0.1",
+                 "--port", str(port), "--max-body-bytes", str(MAX_BODY_BYTES)],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             )
         started = time.monotonic()
@@ -97,7 +111,7 @@ def _serve(model_uri: str, tracking_uri: str, log: Path) -> tuple[subprocess.Pop
         text = log.read_text(errors="replace")
         if "address already in use" not in text.lower() or attempt == 2:
             why = f"exited with {proc.returncode}" if proc.returncode is not None else f"did not answer within {START_TIMEOUT_S} s"
-            pytest.fail(f"mlflow models serve {why}\n--- server log ---\n{text[-4000:]}")
+            pytest.fail(f"the recommender server {why}\n--- server log ---\n{text[-4000:]}")
     raise AssertionError("unreachable")
 
 
@@ -126,7 +140,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
     log = root / "serve.log"
     proc, url = _serve(model_uri, tracking_uri, log)
     try:
-        yield Served(url, log, rec, set(world.item_scids["id"]))
+        yield Served(url, log, rec, set(world.item_scids["id"]), model_uri, tracking_uri, proc.pid)
     finally:
         _stop(proc)
 
@@ -145,20 +159,89 @@ def test_rest_answer_equals_the_python_api(served):
                      [r["item_id"] for r in served.recommender.recommend(["it5", "it6"], user_id="u2", k=25)]]
 
 
-@pytest.mark.parametrize(
-    "body, message",
-    [
-        ({"inputs": [{"history": ["it1", "nope"], "k": 5}]}, "unknown item id(s) ['nope']"),
-        ({"inputs": [{"history": [], "k": 5}]}, "'history' is empty"),
-        ({"inputs": [{"history": ["it1"], "k": 41}]}, "'k' = 41 is outside 1..40"),
-        ({"inputs": [{"histori": ["it1"], "k": 5}]}, "history\\n  Field required"),
-        ({"inputs": [{"history": "it1", "k": "five"}]}, "Input should be a valid list"),
-        ({"history": ["it1"]}, "Request payload must be a dictionary with 'inputs' key"),
-        (b"not json", "Ensure that input is a valid JSON"),
-    ],
-    ids=["unknown-item", "empty-history", "k-too-large", "missing-field", "wrong-types", "no-inputs-key", "not-json"],
-)
-def test_bad_request_gets_400_naming_the_problem(served, body, message):
-    status, answer = served.post(body)
-    assert status == 400, (answer, served.log_tail())
-    assert message in answer.get("message", ""), answer
+
+BAD = [
+    ({"inputs": [{"history": ["it1", "nope"], "k": 5}]}, "request 0: unknown item id(s) ['nope']"),
+    ({"inputs": [{"history": [], "k": 5}]}, "request 0: 'history' is empty"),
+    ({"inputs": [{"history": ["it1"], "k": 41}]}, "request 0: 'k' = 41 is outside 1..40"),
+    ({"inputs": [{"histori": ["it1"], "k": 5}]}, "request 0: unknown field(s) ['histori'] (did you mean 'history'?)"),
+    ({"inputs": [{"history": ["it1"], "K": 3}]}, "request 0: unknown field(s) ['K'] (did you mean 'k'?)"),
+    ({"inputs": [{"history": ["it1"], "k": 3, "user": "u1"}]}, "request 0: unknown field(s) ['user'] (did you mean 'user_id'?)"),
+    ({"inputs": [{"history": "it1", "k": "five"}]}, "request 0: 'history' must be a list of item ids, got 'it1' (a string"),
+    ({"inputs": [{"history": ["it1"] * 1001, "k": 3}]}, "request 0: 'history' has 1001 items, more than the 1000"),
+    ({"inputs": [{"history": ["it1"], "k": 3}] * 257}, "requests: 257 requests in one call, more than the 256 allowed"),
+    ({"history": ["it1"]}, "the body must be a JSON object with exactly the key 'inputs'"),
+    (b"not json", "the body is not valid JSON"),
+    (b"[" * 100_000, "the body nests JSON arrays/objects too deeply"),
+    ({"inputs": [{"history": ["it1", "z" * 150_000], "k": 3}]}, "request 0: unknown item id(s) ['zzzzzzz"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD, ids=["unknown-item", "empty-history", "k-too-large", "misspelt-field", "K",
+                                                   "user", "string-history", "long-history", "too-many-requests",
+                                                   "no-inputs-key", "not-json", "100k-deep", "huge-item-id"])
+def test_bad_request_gets_a_short_400_naming_the_problem_first(served, body, message):
+    status, raw = served.post_raw(body)
+    assert status == 400, (raw[:500], served.log_tail())
+    answer = json.loads(raw)
+    assert answer["message"].startswith(message), answer
+    assert len(raw) < 600  # never the request again, whatever it held
+
+
+def test_a_50_mb_body_is_refused_before_it_is_read(served):
+    def rss_kib() -> int:
+        status = Path(f"/proc/{served.pid}/status")
+        return int(next(line.split()[1] for line in status.read_text().splitlines() if line.startswith("VmRSS:"))) if status.exists() else 0
+
+    before = rss_kib()
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=REQUEST_TIMEOUT_S) as conn:
+        conn.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50000000\r\n\r\n" + b'{"inputs": [' + b" " * 65_536)
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply) < reply.index(b"\r\n\r\n") + 4 + 100:
+            chunk = conn.recv(65_536)
+            if not chunk:
+                break
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert json.loads(body)["message"].startswith(f"the body is 50000000 bytes, over the server's limit of {MAX_BODY_BYTES} bytes")
+    assert rss_kib() - before < 20_000  # the 50 MB were never buffered (MLflow's server grew to 1.6 GB)
+    assert served.post({"inputs": [{"history": ["it1"], "k": 2}]})[0] == 200  # and it still answers
+
+
+def test_python_api_refuses_a_string_or_missing_history_by_name(served):
+    rec = served.recommender
+    with pytest.raises(ValueError, match=r"^recommend\(\): 'history' must be a list of item ids, got '123' \(a string; one item is \['123'\]\)"):
+        rec.recommend("123")
+    with pytest.raises(ValueError, match=r"^recommend\(\): 'history' must be a list of item ids, got None"):
+        rec.recommend(None)
+    with pytest.raises(ValueError, match=r"^recommend\(\): 'k' must be an integer >= 1, got '3'"):
+        rec.recommend(["it1"], k="3")
+    assert rec.recommend(("it1", "it2"), k=3) == rec.recommend(["it1", "it2"], k=3)
+
+
+def test_mlflows_scoring_server_code_answers_alike_and_rejects_misspelt_fields(served, monkeypatch):
+    """`mlflow models serve`'s request handler, in-process: the same list, the shared check (whose message
+    MLflow prefixes with the input: use our server for anything beyond loopback), the serving thread count."""
+    monkeypatch.delenv("ALIGN3GR_TORCH_THREADS", raising=False)
+    before = torch.get_num_threads()
+    mlflow.set_tracking_uri(served.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(served.model_uri)
+        assert torch.get_num_threads() == 1  # set by load_context: the documented default
+    finally:
+        torch.set_num_threads(before)
+
+    def invoke(payload: dict) -> dict:
+        result = scoring_server.invocations(json.dumps(payload), "application/json", model, model.metadata.get_input_schema())
+        assert result.status == 200, result.response[:500]
+        return json.loads(result.response)
+
+    [answer] = invoke({"inputs": [{"history": ["it1", "it2", "it3"], "user_id": "u1", "k": 5}]})["predictions"]
+    assert answer["items"] == served.recommender.recommend(["it1", "it2", "it3"], user_id="u1", k=5)
+    with pytest.raises(MlflowException) as err:
+        invoke({"inputs": [{"history": ["it1"], "K": 3}]})
+    assert err.value.get_http_status_code() == 400
+    assert "request 0: unknown field(s) ['K'] (did you mean 'k'?)" in err.value.message

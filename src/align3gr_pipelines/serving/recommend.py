@@ -7,8 +7,12 @@ decoded by the evaluation stage's constrained beam search over the catalogue's v
 for an evaluation user's history gets the list evaluation scored. As in evaluation, items of the history
 are not filtered out of the answer.
 
-Every request is checked before anything is decoded: an unknown item id, an empty history, a K outside
-1..catalogue size or a malformed field raises `RequestError` naming the request and the problem.
+Every request is checked before anything is decoded, by one function (`parse_requests`) that the Python
+API, the Kedro `inference` pipeline, the MLflow pyfunc and the HTTP server all call: an unknown or
+misspelt field (the closest valid name is suggested), a history that is not a list, an unknown item id,
+an empty or over-long history, too many requests in one call, a K outside 1..catalogue size raises
+`RequestError`, whose message names the request and the problem first and quotes at most a short prefix
+of any value it received (a hostile request is never echoed back whole).
 
 The same class backs the Python API, the Kedro `inference` pipeline and the MLflow pyfunc
 (`recommender_model.py`), so the three give identical lists for the same request. A request's list does
@@ -17,9 +21,12 @@ left padding in a batch differs.
 """
 from __future__ import annotations
 
+import difflib
+import itertools
 import json
 import logging
 import numbers
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +53,9 @@ CHECKPOINTS: tuple[tuple[str, str], ...] = (
 COMPLETE_MARKER = "_CHECKPOINT_COMPLETE.json"
 OUTPUT_COLUMNS = ["request_id", "user_id", "rank", "item_id", "title", "score", "model"]
 UNKNOWN_USER_MODES = ("anonymous", "error")
+REQUEST_FIELDS = ("history", "user_id", "k")
+# Longest quoted value in an error message: enough to recognise it, never a copy of a hostile input.
+QUOTE_CHARS = 60
 
 
 class RequestError(ValueError):
@@ -67,10 +77,44 @@ class PromptSettings:
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What one call may ask for. Only the last `max_history` items (params:sft_data) reach the prompt, so a
+    longer history is accepted up to `max_history_items` and cut; beyond that it is a client bug or an
+    attack. `max_requests` bounds the work of one call (null: no bound, as for the offline requests table)."""
+
+    max_requests: int | None = 256
+    max_history_items: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.max_requests is not None and int(self.max_requests) < 1:
+            raise ValueError(f"max_requests must be >= 1 or null, got {self.max_requests!r}")
+        if int(self.max_history_items) < 1:
+            raise ValueError(f"max_history_items must be >= 1, got {self.max_history_items!r}")
+
+
+@dataclass(frozen=True)
 class Request:
     history: list[str]
     k: int
     user_id: str | None = None
+
+
+def quote(value: Any) -> str:
+    """A short repr of ``value`` for an error message: long strings, lists and nestings are elided (reprlib
+    never walks more than a few elements), so the message never grows with what a client sent."""
+    text = _QUOTER.repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}..."
+
+
+def _quoter() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = 40
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 5
+    r.maxlevel = 2
+    return r
+
+
+_QUOTER = _quoter()
 
 
 def _complete(path: Path) -> bool:
@@ -110,29 +154,71 @@ def _as_item_id(value: Any, where: str) -> str:
         return value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return str(int(value))
-    raise RequestError(f"{where}: item ids must be non-empty strings or integers, got {value!r}")
+    raise RequestError(f"{where}: item ids must be non-empty strings or integers, got {quote(value)}")
 
 
-def parse_request(raw: Any, where: str = "request") -> Request:
-    """A request from a mapping with `history` (list of item ids), optional `user_id` and `k`."""
-    if not isinstance(raw, Mapping):
-        raise RequestError(f"{where}: expected an object with 'history', 'user_id' (optional) and 'k', got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"history", "user_id", "k"})
-    if unknown:
-        raise RequestError(f"{where}: unknown field(s) {unknown}; a request has 'history', 'user_id' (optional) and 'k'")
-    history = raw.get("history")
-    if history is None or isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Iterable):
-        raise RequestError(f"{where}: 'history' must be a list of item ids, got {history!r}")
-    items = [_as_item_id(i, f"{where}.history[{n}]") for n, i in enumerate(history)]
+def _unknown_fields(raw: Mapping[str, Any], where: str) -> None:
+    unknown = [f for f in raw if f not in REQUEST_FIELDS]
+    if not unknown:
+        return
+    guesses = {}
+    for field in unknown[:5]:
+        # Case-insensitive: "K" and "User_ID" are the commonest slips.
+        close = difflib.get_close_matches(str(field).lower(), REQUEST_FIELDS, n=1, cutoff=0.5)
+        if close:
+            guesses[quote(field)] = repr(close[0])
+    shown = "[" + ", ".join(quote(f) for f in unknown[:5]) + (f", ... {len(unknown)} in all" if len(unknown) > 5 else "") + "]"
+    if len(guesses) == 1 and len(unknown) == 1:
+        hint = f" (did you mean {next(iter(guesses.values()))}?)"
+    else:
+        hint = f" (did you mean {', '.join(f'{g} for {f}' for f, g in guesses.items())}?)" if guesses else ""
+    raise RequestError(f"{where}: unknown field(s) {shown}{hint}; a request has 'history', 'user_id' (optional) and 'k'")
+
+
+def _history(value: Any, where: str, max_items: int) -> list[str]:
+    if isinstance(value, (str, bytes)):
+        # list("123") would be three one-character item ids: refuse, and show the intended call.
+        raise RequestError(f"{where}: 'history' must be a list of item ids, got {quote(value)} (a string; one item is [{quote(value)}])")
+    if value is None or isinstance(value, (Mapping, set, frozenset)) or not isinstance(value, Iterable):
+        missing = " (the field is missing or null)" if value is None else ""
+        raise RequestError(f"{where}: 'history' must be a list of item ids, got {quote(value)}{missing}")
+    head = list(itertools.islice(value, max_items + 1))  # never walks a huge iterable past the limit
+    if len(head) > max_items:
+        size = f"{len(value)} items" if isinstance(value, Sequence) else f"more than {max_items} items"
+        raise RequestError(f"{where}: 'history' has {size}, more than the {max_items} a request may send (only the most recent items reach the prompt: send those)")
+    items = [_as_item_id(i, f"{where}.history[{n}]") for n, i in enumerate(head)]
     if not items:
         raise RequestError(f"{where}: 'history' is empty; the recommender needs at least one item the user interacted with")
+    return items
+
+
+def parse_request(raw: Any, where: str = "request", limits: RequestLimits = RequestLimits()) -> Request:
+    """A request from a mapping with `history` (list of item ids, oldest first), optional `user_id` and `k`."""
+    if not isinstance(raw, Mapping):
+        raise RequestError(f"{where}: expected an object with 'history', 'user_id' (optional) and 'k', got {type(raw).__name__} {quote(raw)}")
+    _unknown_fields(raw, where)
+    items = _history(raw.get("history"), where, int(limits.max_history_items))
     k = raw.get("k")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise RequestError(f"{where}: 'k' must be an integer >= 1, got {k!r}")
+        raise RequestError(f"{where}: 'k' must be an integer >= 1, got {quote(k)}")
     user = _null_to_none(raw.get("user_id"))  # a missing cell of a table (NaN) is no user id
     if user is not None and not (isinstance(user, str) or (isinstance(user, numbers.Integral) and not isinstance(user, bool))):
-        raise RequestError(f"{where}: 'user_id' must be a string, an integer or null, got {user!r}")
+        raise RequestError(f"{where}: 'user_id' must be a string, an integer or null, got {quote(user)}")
     return Request(history=items, k=int(k), user_id=None if user is None or user == "" else str(user))
+
+
+def parse_requests(
+    raw: Any, limits: RequestLimits = RequestLimits(), names: Sequence[str] | None = None, what: str = "requests"
+) -> list[Request]:
+    """The one validation of incoming requests (Python API, inference table, MLflow pyfunc, HTTP server):
+    ``raw`` is a list of request mappings (or already parsed `Request`s); raises `RequestError` on the
+    first problem, naming the request by ``names[n]`` (default "request n")."""
+    if isinstance(raw, (str, bytes, Mapping)) or not isinstance(raw, Sequence):
+        raise RequestError(f"{what}: expected a list of request objects, got {type(raw).__name__} {quote(raw)}")
+    if limits.max_requests is not None and len(raw) > int(limits.max_requests):
+        raise RequestError(f"{what}: {len(raw)} requests in one call, more than the {limits.max_requests} allowed; split them into several calls")
+    where = list(names) if names is not None else [f"request {n}" for n in range(len(raw))]
+    return [r if isinstance(r, Request) else parse_request(r, where[n], limits) for n, r in enumerate(raw)]
 
 
 class Recommender:
@@ -150,6 +236,7 @@ class Recommender:
         batch_size: int = 32,
         unknown_user: str = "anonymous",
         stage: str = "lm",
+        limits: RequestLimits = RequestLimits(),
     ) -> None:
         if unknown_user not in UNKNOWN_USER_MODES:
             raise ValueError(f"unknown_user must be one of {UNKNOWN_USER_MODES}, got {unknown_user!r}")
@@ -160,6 +247,7 @@ class Recommender:
         self.rec_lm, self.prompt, self.stage = rec_lm, prompt, stage
         self.checkpoint_dir: Path | None = None  # set when loaded from a checkpoint directory
         self.beam_width, self.batch_size, self.unknown_user = int(beam_width), int(batch_size), unknown_user
+        self.limits = limits
         self.catalog = SCIDCatalog.from_scids(item_scids, rec_lm.tokenizer)
         self.item_tokens = dict(zip(self.catalog.item_ids, self.catalog.scid_strings or []))
         titles = {}
@@ -201,11 +289,12 @@ class Recommender:
             raise RequestError(f"{where}: 'history' is empty; the recommender needs at least one item the user interacted with")
         unknown = list(dict.fromkeys(i for i in request.history if i not in self.item_tokens))
         if unknown:
-            raise RequestError(f"{where}: unknown item id(s) {unknown[:5]} in 'history' (not in the catalogue of {self.n_items} items)")
+            shown = "[" + ", ".join(quote(i) for i in unknown[:5]) + (f", ... {len(unknown)} in all" if len(unknown) > 5 else "") + "]"
+            raise RequestError(f"{where}: unknown item id(s) {shown} in 'history' (not in the catalogue of {self.n_items} items)")
         if not 1 <= request.k <= self.n_items:
             raise RequestError(f"{where}: 'k' = {request.k} is outside 1..{self.n_items} (the catalogue holds {self.n_items} items)")
         if request.user_id is not None and self.unknown_user == "error" and request.user_id not in self.user_tokens:
-            raise RequestError(f"{where}: unknown user_id {request.user_id!r} (not in user_scids); omit it for an anonymous user")
+            raise RequestError(f"{where}: unknown user_id {quote(request.user_id)} (not in user_scids); omit it for an anonymous user")
 
     def prompt_for(self, request: Request) -> str:
         """The SEQ prompt of a request, as sft_data builds seq_eval_prompts."""
@@ -217,10 +306,13 @@ class Recommender:
         self, requests: Sequence[Request | Mapping[str, Any]], names: Sequence[str] | None = None
     ) -> list[list[dict[str, Any]]]:
         """One ranked list per request: dicts with rank (1-based), item_id, title, score (the summed log-
-        probability of the item's SCID tokens). All requests are checked before any is decoded; an error
-        names the request by ``names[n]`` (default "request n")."""
-        where = list(names) if names is not None else [f"request {n}" for n in range(len(requests))]
-        parsed = [r if isinstance(r, Request) else parse_request(r, where[n]) for n, r in enumerate(requests)]
+        probability of the item's SCID tokens). All requests are checked (`parse_requests`, this
+        recommender's `limits`) before any is decoded; an error names the request by ``names[n]``
+        (default "request n")."""
+        return self._decode(parse_requests(requests, self.limits, names), names)
+
+    def _decode(self, parsed: list[Request], names: Sequence[str] | None = None) -> list[list[dict[str, Any]]]:
+        where = list(names) if names is not None else [f"request {n}" for n in range(len(parsed))]
         for n, r in enumerate(parsed):
             self.check(r, where[n])
         out: list[list[dict[str, Any]]] = [[] for _ in parsed]
@@ -246,8 +338,9 @@ class Recommender:
         return out
 
     def recommend(self, history: Sequence[str | int], user_id: str | None = None, k: int = 10) -> list[dict[str, Any]]:
-        """Top-``k`` catalogue items for one user's history (oldest first)."""
-        return self.recommend_many([{"history": list(history), "user_id": user_id, "k": k}])[0]
+        """Top-``k`` catalogue items for one user's history (a list of item ids, oldest first)."""
+        # Passed as given, not list(history): a string must be refused, not split into characters.
+        return self.recommend_many([{"history": history, "user_id": user_id, "k": k}], names=["recommend()"])[0]
 
     def recommend_frame(self, requests: pd.DataFrame, default_k: int) -> pd.DataFrame:
         """A requests table (history, optional user_id, k, request_id) -> one row per recommended item."""
@@ -261,16 +354,17 @@ class Recommender:
             k = row.get("k", default_k)
             raw.append({"history": _plain_list(row["history"]), "user_id": _null_to_none(row.get("user_id")),
                         "k": default_k if _null_to_none(k) is None else _plain_int(k)})
-        names = [f"request {rid!r} (row {n})" for n, rid in enumerate(ids)]
-        parsed = [parse_request(r, names[n]) for n, r in enumerate(raw)]
-        lists = self.recommend_many(parsed, names)
+        names = [f"request {quote(rid)} (row {n})" for n, rid in enumerate(ids)]
+        # An offline table may hold any number of requests (they are decoded in batches): no per-call bound.
+        parsed = parse_requests(raw, RequestLimits(None, self.limits.max_history_items), names, what="requests table")
+        lists = self._decode(parsed, names)
         rows = [{"request_id": rid, "user_id": req.user_id, **item, "model": self.stage} for rid, req, lst in zip(ids, parsed, lists) for item in lst]
         frame = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
         return frame.astype({"request_id": "str", "rank": "int64", "item_id": "str", "title": "str", "score": "float64", "model": "str"})
 
     def settings(self) -> dict[str, Any]:
         return {"prompt": asdict(self.prompt), "beam_width": self.beam_width, "batch_size": self.batch_size,
-                "unknown_user": self.unknown_user, "stage": self.stage}
+                "unknown_user": self.unknown_user, "stage": self.stage, "limits": asdict(self.limits)}
 
 
 def build_recommender(
@@ -284,8 +378,15 @@ def build_recommender(
     return Recommender.from_checkpoint(
         path, item_scids, items, user_scids, PromptSettings.from_sft_data(sft_data_params), device=params.get("device", "auto"),
         stage=stage, beam_width=int(params["beam_width"]), batch_size=int(params["batch_size"]),
-        unknown_user=str(params.get("unknown_user", "anonymous")),
+        unknown_user=str(params.get("unknown_user", "anonymous")), limits=limits_from_params(params),
     )
+
+
+def limits_from_params(params: Mapping[str, Any]) -> RequestLimits:
+    """`inference.max_requests` / `inference.max_history_items`, defaults where absent."""
+    default = RequestLimits()
+    max_requests = params.get("max_requests", default.max_requests)
+    return RequestLimits(None if max_requests is None else int(max_requests), int(params.get("max_history_items", default.max_history_items)))
 
 
 def _null_to_none(value: Any) -> Any:
@@ -314,5 +415,7 @@ def write_settings(recommender: Recommender, path: str | Path) -> None:
 
 def read_settings(path: str | Path) -> dict[str, Any]:
     raw = json.loads(Path(path).read_text())
+    # A model logged before request limits existed gets the defaults.
+    limits = RequestLimits(**raw["limits"]) if "limits" in raw else RequestLimits()
     return {"prompt": PromptSettings(**raw["prompt"]), "beam_width": int(raw["beam_width"]), "batch_size": int(raw["batch_size"]),
-            "unknown_user": str(raw["unknown_user"]), "stage": str(raw["stage"])}
+            "unknown_user": str(raw["unknown_user"]), "stage": str(raw["stage"]), "limits": limits}

@@ -36,10 +36,14 @@ def recommend_requests(recommender: Recommender, inference_requests: pd.DataFram
 
 def log_servable_model(recommender: Recommender, inference_info: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Logs the recommender to the run's MLflow as a pyfunc model (when `inference.log_model`); after the
-    requests were answered (`inference_info`), so a run stopped by a bad request logs no model."""
+    requests were answered (`inference_info`), so a run stopped by a bad request logs no model. `reuse_model_uri`
+    is set by the tracking hooks when a model built from the same checkpoint, catalogue and settings is already
+    logged: that model is named instead of logging another full copy."""
     if not params.get("log_model", True):
         return {"logged": False, "reason": "inference.log_model is false"}
-    uri = log_recommender(recommender, name=str(params.get("model_name", "recommender")))
-    return {"logged": True, "model_uri": uri, "model": recommender.stage, "checkpoint": str(recommender.checkpoint_dir),
+    reused = params.get("reuse_model_uri")
+    uri = str(reused) if reused else log_recommender(recommender, name=str(params.get("model_name", "recommender")))
+    return {"logged": not reused, "model_uri": uri, "model": recommender.stage, "checkpoint": str(recommender.checkpoint_dir),
             "answered_requests": int(inference_info["n_requests"]),
-            "serve": f"mlflow models serve -m {uri} --env-manager local --host 127.0.0.1 --port 5001"}
+            **({"reason": "same checkpoint, catalogue and settings as this logged model"} if reused else {}),
+            "serve": f"python -m align3gr_pipelines.serving.server -m {uri} --host 127.0.0.1 --port 5001"}

@@ -103,7 +103,7 @@ def lineage_report(project_path: Path, pipeline: str = "__default__", env: str |
     rows.sort(key=lambda r: order.index(r["stage"]) if r["stage"] in order else len(order))
     stale_stages = [s for s in order if any(r["stage"] == s and r["status"] == STALE for r in rows)]
     missing_stages = [s for s in order if any(r["stage"] == s and r["status"] == MISSING for r in rows)]
-    selector = "" if pipeline == "__default__" else f" --pipeline={pipeline}"
+    selector = "" if pipeline == "__default__" else f" --pipelines={pipeline}"
     rebuild = f"kedro run{selector} --from-nodes={','.join(roots)}" if roots else None
     build_missing = f"kedro run{selector} --only-missing-outputs" if missing_stages else None
     return {

@@ -1,4 +1,4 @@
-"""The README's main job, `kedro run --pipeline=full`, end to end through the Kedro CLI on a tiny demo.
+"""The README's main job, `kedro run --pipelines=full`, end to end through the Kedro CLI on a tiny demo.
 
 Runs in a copy of the project (conf + pyproject) in a temp dir so the repository's data/ is untouched,
 then reruns one stage on the cached artifacts and checks `--only-missing-outputs` skips everything.
@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-# The module fixture is a whole `kedro run --pipeline=full` (minutes on 2 busy cores); pytest-timeout
+# The module fixture is a whole `kedro run --pipelines=full` (minutes on 2 busy cores); pytest-timeout
 # counts it in the first test's time.
 pytestmark = pytest.mark.timeout(1800)
 
@@ -78,7 +78,7 @@ def project(tmp_path_factory) -> Path:
     for layer in (REPO / "data").iterdir():
         if layer.is_dir():
             (root / "data" / layer.name).mkdir(parents=True)
-    _kedro(root, "run", "--pipeline=full", f"--params={TINY}")
+    _kedro(root, "run", "--pipelines=full", f"--params={TINY}")
     return root
 
 

@@ -125,18 +125,40 @@ def ndcg_at_k(
     return np.where(size > 0, (group * gain).sum(axis=1) / np.maximum(size, 1), 0.0)
 
 
+def mrr_at_k(
+    rec_items: Sequence[Sequence[object]] | np.ndarray,
+    targets: Sequence[object],
+    k: int,
+    rec_scores: Sequence[Sequence[float]] | np.ndarray | None = None,
+) -> np.ndarray:
+    """Per-user reciprocal rank of the target, 0 beyond position k; a tie group gets the mean of 1/rank over
+    its positions (those beyond k count 0), the expectation over a random tie-break, as for Recall/NDCG."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    group = tie_group_positions(rec_items, targets, rec_scores)
+    width = group.shape[1]
+    gain = np.where(np.arange(width) < k, 1.0 / (np.arange(width) + 1.0), 0.0)
+    size = group.sum(axis=1)
+    return np.where(size > 0, (group * gain).sum(axis=1) / np.maximum(size, 1), 0.0)
+
+
 def ranking_metrics(
     rec_items: Sequence[Sequence[object]] | np.ndarray,
     targets: Sequence[object],
     ks: Sequence[int] = (5, 10),
     rec_scores: Sequence[Sequence[float]] | np.ndarray | None = None,
+    mrr_ks: Sequence[int] = (),
 ) -> dict[str, np.ndarray]:
-    """{"recall@k": per-user array, "ndcg@k": ...} for every k."""
+    """{"recall@k": per-user array, "ndcg@k": ..., "mrr@m": ...} for every k in ks and m in mrr_ks. With one
+    target per case Recall@1 is HR@1 and NDCG@1 equals it, so ndcg@1 is not repeated."""
     out: dict[str, np.ndarray] = {}
     for k in ks:
         out[f"recall@{k}"] = recall_at_k(rec_items, targets, k, rec_scores)
     for k in ks:
-        out[f"ndcg@{k}"] = ndcg_at_k(rec_items, targets, k, rec_scores)
+        if k > 1:
+            out[f"ndcg@{k}"] = ndcg_at_k(rec_items, targets, k, rec_scores)
+    for k in mrr_ks:
+        out[f"mrr@{k}"] = mrr_at_k(rec_items, targets, k, rec_scores)
     return out
 
 

@@ -9,7 +9,7 @@ suffix cases of one user), so the bootstrap resamples users, each with all of th
 The minimal detectable effect (MDE) is the true Δ that a two-sided test at level `alpha` would find with
 probability `power`, given the same spread: (z_{1-alpha/2} + z_{power}) × SE, with SE the bootstrap
 standard error of Δ. A |Δ| well below the MDE is what noise looks like on this test set; a CI that
-excludes 0 is a difference the data show. (DESIGN's rule of thumb δ ≈ 2.8·√(d/n), d the share of
+excludes 0 is a difference the data show. (the project's rule of thumb δ ≈ 2.8·√(d/n), d the share of
 discordant cases, is this with SE = √(d/n) and one seed.)
 """
 from __future__ import annotations
@@ -120,5 +120,6 @@ def per_case_metrics(recommendations: pd.DataFrame, cases: pd.DataFrame, ks: tup
             values = ranking_metrics(items, part["target"].astype(str).tolist(), ks, scores)
             frames.append(pd.DataFrame({"model": model, "split": split, "user_id": part["user_id"].astype(str),
                                         "case": part["case"] if several else 0, **values}))
-    columns = ["model", "split", "user_id", "case", *(f"{m}@{k}" for m in ("recall", "ndcg") for k in ks)]
+    # ranking_metrics' own keys: ndcg@1 is not repeated (it equals recall@1 with one target)
+    columns = ["model", "split", "user_id", "case", *(f"recall@{k}" for k in ks), *(f"ndcg@{k}" for k in ks if k > 1)]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)

@@ -21,9 +21,9 @@ METRIC_COLUMNS = ["model", "split", "metric", "value", "ci_low", "ci_high", "p_v
 
 def metric_table(
     recommendations: pd.DataFrame, eval_cases: pd.DataFrame, models: list[str], ks: list[int], n_boot: int,
-    conf: float, n_perm: int, seed: int, reference: str = "sasrec",
+    conf: float, n_perm: int, seed: int, reference: str = "sasrec", mrr_ks: list[int] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Recall/NDCG@K per model and split over every evaluated user (a user with no list scores 0; the tie
+    """Recall/NDCG@K (and MRR@K for each of `mrr_ks`) per model and split over every evaluated user (a user with no list scores 0; the tie
     rule of `metrics` applied over each whole kept list), with percentile-bootstrap CIs (the same resamples
     for every model) and a paired sign-flip permutation test against `reference` on the same users.
     Also returns, per "split/model", the users whose target ties with the last kept item."""
@@ -36,8 +36,8 @@ def metric_table(
         for model in models:
             mine = recs[recs["model"] == model]
             # The tie rule runs over the whole kept list (top_k), not a list cut at max(ks).
-            items, scores = case_lists(mine, cases, max(ks))
-            per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores)
+            items, scores = case_lists(mine, cases, max([*ks, *(mrr_ks or [])]))
+            per_user[model] = ranking_metrics(items, cases["target"].tolist(), ks, scores, mrr_ks or ())
             truncated[(split, model)] = tie_group_at_list_end(items, cases["target"].tolist(), scores, max(ks))
         if not per_user:
             continue

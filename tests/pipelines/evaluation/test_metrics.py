@@ -10,6 +10,7 @@ import pytest
 from align3gr_pipelines.evaluation.metrics import (
     bootstrap_ci,
     list_matrix,
+    mrr_at_k,
     ndcg_at_k,
     paired_permutation_test,
     ranking_metrics,
@@ -35,6 +36,22 @@ def test_recall_and_ndcg_by_hand():
     m = ranking_metrics(LISTS, TARGETS, ks=(5, 10))
     assert list(m) == ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
     assert m["recall@10"].mean() == pytest.approx(0.75)
+
+
+def test_head_metrics_by_hand_ties_included():
+    # MRR: 1/rank of the target, 0 beyond k; HR@1 is recall@1
+    np.testing.assert_allclose(mrr_at_k(LISTS, TARGETS, 20), [1.0, 1 / 4, 1 / 6, 0.0])
+    np.testing.assert_allclose(mrr_at_k(LISTS, TARGETS, 5), [1.0, 1 / 4, 0.0, 0.0])
+    lists, scores = [["a", "b", "c", "d"], ["a", "b", "c", "d"]], [[0.9, 0.5, 0.5, 0.1], [0.7, 0.7, 0.7, 0.7]]
+    # user 0: c tied with b at ranks 2 and 3 -> (1/2 + 1/3) / 2; with k = 2 only rank 2 counts -> (1/2) / 2
+    # user 1: a in a four-way tie at ranks 1..4 -> (1 + 1/2 + 1/3 + 1/4) / 4
+    np.testing.assert_allclose(mrr_at_k(lists, ["c", "a"], 10, scores), [(1 / 2 + 1 / 3) / 2, (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4])
+    np.testing.assert_allclose(mrr_at_k(lists, ["c", "a"], 2, scores), [(1 / 2) / 2, (1 + 1 / 2) / 4])
+    m = ranking_metrics(lists, ["c", "a"], ks=(1, 2), rec_scores=scores, mrr_ks=(4,))
+    assert list(m) == ["recall@1", "recall@2", "ndcg@2", "mrr@4"]  # ndcg@1 would repeat recall@1 (one target)
+    np.testing.assert_allclose(m["recall@1"], [0.0, 0.25])
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        mrr_at_k(lists, ["c", "a"], 0)
 
 
 def test_ties_average_over_the_tied_positions():

@@ -285,16 +285,19 @@ def _mlflow_key(*parts: str) -> str:
 def compute_metrics(
     recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int
 ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
-    """Recall/NDCG@K per model and split over every evaluated user, with bootstrap CIs and a paired test
+    """Recall/NDCG@K (and MRR@K) per model and split over every evaluated user, with bootstrap CIs and a paired test
     against SASRec (`evaluation.report.metric_table`); the Markdown table and the run's metrics JSON."""
     ks = [int(k) for k in params["ks"]]
     if not ks or min(ks) < 1 or max(ks) > int(params["top_k"]):
         raise ValueError(f"evaluation.ks must be non-empty, each in [1, top_k={params['top_k']}], got {ks}")
+    mrr_ks = [int(k) for k in params.get("mrr_ks") or []]
+    if mrr_ks and (min(mrr_ks) < 1 or max(mrr_ks) > int(params["top_k"])):
+        raise ValueError(f"evaluation.mrr_ks: each must be in [1, top_k={params['top_k']}] (the kept list), got {mrr_ks}")
     boot, perm = params.get("bootstrap", {}) or {}, params.get("paired_test", {}) or {}
     n_boot, conf = int(boot.get("n_resamples", 1000)), float(boot.get("confidence", 0.95))
     n_perm = int(perm.get("n_permutations", 10000))
     order = [i["model"] for i in run_info["models"]]
-    table, at_end = metric_table(recommendations, eval_cases, order, ks, n_boot, conf, n_perm, seed, REFERENCE)
+    table, at_end = metric_table(recommendations, eval_cases, order, ks, n_boot, conf, n_perm, seed, REFERENCE, mrr_ks)
     if REFERENCE not in order:
         log.info("evaluation: no SASRec row, so no paired test (p_value_vs_sasrec is NaN)")
     scalars = {_mlflow_key(r.split, r.model, r.metric.replace("@", "_at_")): r.value for r in table.itertuples()}
@@ -303,7 +306,7 @@ def compute_metrics(
         log.warning("evaluation: users whose target ties with the last kept item (the group may run past top_k; "
                     "credit counts its listed part): %s", at_end)
     info = {
-        "models": run_info["models"], "skipped": run_info["skipped"], "ks": ks, "beam_width": int(params["beam_width"]),
+        "models": run_info["models"], "skipped": run_info["skipped"], "ks": ks, "mrr_ks": mrr_ks, "beam_width": int(params["beam_width"]),
         "top_k": int(params["top_k"]), "n_users": {s: int(n) for s, n in eval_cases.groupby("split").size().items()},
         "bootstrap": {"n_resamples": n_boot, "confidence": conf}, "paired_test": {"n_permutations": n_perm, "reference": REFERENCE},
         "ties_at_list_end": at_end,

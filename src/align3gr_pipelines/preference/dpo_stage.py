@@ -52,10 +52,10 @@ def train_stage(
     evaluate: Callable[[Any], float] | None = None,
     selection: Selection | None = None,
 ) -> tuple[RecLM, dict[str, Any]]:
-    """One curriculum stage: a copy of ``policy`` trained on ``pairs`` against ``policy`` itself as the
-    reference. Returns the new RecLM (meta records stage, reference and both weight hashes) and the
+    """One curriculum stage: a copy of ``policy`` (``cfg.in_place``: its own model) trained on ``pairs``
+    against ``policy`` itself as the reference. Returns the new RecLM (meta records stage, reference and both weight hashes) and the
     metrics dict ``{"scalars", "curves", "info"}``."""
-    model = copy.deepcopy(policy.model)
+    model = policy.model if cfg.in_place else copy.deepcopy(policy.model)
     model.to(pick_device(cfg.device))
     _disable_activation_checkpointing(model)
     tok = policy.tokenizer

@@ -32,7 +32,6 @@ checkpoint replaces the input policy only if it beats it on the other half too (
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import json
@@ -71,6 +70,9 @@ class DPOConfig:
     show_progress: bool = True
     # RPO-style NLL on the chosen response, per token (softmax_dpo.py); 0 = plain Softmax-DPO (the paper).
     nll_weight: float = 0.0
+    # true: the stage trains the input policy's own model (no copy: for large models, where a second copy
+    # does not fit); the input RecLM object then holds the trained weights. false: a copy is trained.
+    in_place: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any], where: str) -> "DPOConfig":
@@ -261,10 +263,19 @@ def reference_logps(
 # ---------------------------------------------------------------- model helpers
 
 
+def _is_trained(name: str) -> bool:
+    return any(k in name for k in ("lora_", "modules_to_save", "trainable_tokens"))
+
+
 def weights_fingerprint(model: Any) -> str:
-    """sha256 of every parameter and buffer (name, dtype, shape, bytes): identical weights, identical hash."""
+    """sha256 of the weights DPO can change (name, dtype, shape, bytes): every parameter and buffer of a
+    scratch model; only the adapter (LoRA, modules_to_save, trainable-token rows) of a PEFT model, whose
+    frozen base (billions of parameters for a 7B LM) DPO never touches. Identical weights, identical hash."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    state = model.state_dict()
+    if hasattr(model, "peft_config"):
+        state = {n: t for n, t in state.items() if _is_trained(n)}
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -276,7 +287,7 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     rows) only — a checkpoint reloaded for inference comes back frozen, so those are re-enabled."""
     if hasattr(model, "peft_config"):
         for name, p in model.named_parameters():
-            if any(k in name for k in ("lora_", "modules_to_save", "trainable_tokens")):
+            if _is_trained(name):
                 p.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
@@ -288,6 +299,19 @@ def trainable_parameters(model: Any) -> list[torch.nn.Parameter]:
     return params
 
 
+def trainable_snapshot(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that train (requires_grad): what selection must be able to restore. The frozen
+    base of a PEFT model is not copied."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_snapshot(model: Any, snapshot: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in snapshot:
+                p.copy_(snapshot[n])
+
+
 def pairs_fingerprint(pairs: pd.DataFrame) -> str:
     cols = [c for c in ("prompt", "chosen_tokens", "rejected_tokens") if c in pairs.columns]
     payload = pairs[cols].to_json(orient="values") if len(pairs) else "[]"
@@ -297,10 +321,25 @@ def pairs_fingerprint(pairs: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- training
 
 
+# A duration shorter than this many ticks of the clock that measured it has no meaningful rate (its
+# relative error is over 1%); one at or under zero is a clock or bookkeeping error, not a duration.
+MIN_RATE_TICKS = 100
+
+
+def rate_per_second(count: float, seconds: float, resolution: float | None = None) -> float | None:
+    """``count / seconds``, or None when ``seconds`` is not a measurable duration of ``time.perf_counter``
+    (or of a clock of the given ``resolution``): negative, not finite, or under ``MIN_RATE_TICKS`` ticks. A
+    clamp such as ``max(seconds, 1e-9)`` turned such a duration into 2.6e11 pairs/s."""
+    tick = time.get_clock_info("perf_counter").resolution if resolution is None else resolution
+    if not math.isfinite(seconds) or seconds < MIN_RATE_TICKS * tick or seconds <= 0:
+        return None
+    return count / seconds
+
+
 @dataclass
 class DPOResult:
     curves: dict[str, list[list[float]]]
-    scalars: dict[str, float]
+    scalars: dict[str, float | None]  # None: not measurable (pairs_per_second over a zero duration)
 
 
 @torch.no_grad()
@@ -360,7 +399,7 @@ def train_dpo(
     best: dict[str, Any] = {}
     input_hits: list[np.ndarray] = []
     confirm: np.ndarray | None = None  # bool mask of the confirm half, fixed at the first evaluation
-    input_state = copy.deepcopy(model.state_dict()) if halves else None
+    input_state = trainable_snapshot(model) if halves else None
     confirm_hits: dict[int, np.ndarray] = {}  # step -> hits on the confirm half
 
     def checkpoint(at: int) -> None:
@@ -398,7 +437,7 @@ def train_dpo(
                 curves["valid_p_vs_input"].append([at, p])
                 qualifies = p <= float(selection.max_p_value)
         if not best or (qualifies and score > best["score"]):
-            best.update(score=score, step=at, state=copy.deepcopy(model.state_dict()))
+            best.update(score=score, step=at, state=trainable_snapshot(model))
 
     t_eval = time.perf_counter()
     checkpoint(0)
@@ -456,13 +495,13 @@ def train_dpo(
     last_recall = curves["valid_recall"][-1][1] if curves["valid_recall"] else float("nan")
     selected_step = step
     if select and not selection.allow_worse and best["step"] != step:
-        model.load_state_dict(best["state"])
+        restore_snapshot(model, best["state"])
         selected_step = best["step"]
     confirmation = None
     if halves and not selection.allow_worse and selected_step != 0:
         confirmation = confirmed_on_other_half(confirm_hits[selected_step], confirm_hits[0], selection.max_p_value)
         if not confirmation["confirmed"]:
-            model.load_state_dict(input_state)
+            restore_snapshot(model, input_state)
             selected_step = 0
     model.eval()
     train_seconds = time.perf_counter() - t1 - (eval_seconds - input_eval_seconds)
@@ -494,7 +533,7 @@ def train_dpo(
         "selected_chosen_logp_drift": dict(map(tuple, curves["chosen_logp_drift"])).get(selected_step, float("nan")),
         "selected_rejected_logp_drift": dict(map(tuple, curves["rejected_logp_drift"])).get(selected_step, float("nan")),
         "train_seconds": train_seconds,
-        "pairs_per_second": len(examples) * cfg.epochs / max(train_seconds, 1e-9),
+        "pairs_per_second": rate_per_second(len(examples) * cfg.epochs, train_seconds),
     }
     if select:
         scalars.update(

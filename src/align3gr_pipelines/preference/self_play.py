@@ -371,16 +371,22 @@ class Mining:
     max_scored: int = 128  # bucket members scored exactly per prompt and bucket (a seeded sample beyond)
     similarity_bands: tuple[tuple[float, float], ...] = ((0.0, 0.9), (0.9, 0.99), (0.99, 1.0))
     score_batch_size: int = 16
+    # Never reject an item the prompt's user consumes later in training: such a negative is a known future
+    # positive, and pushing it down pushes down held-out-like targets. The paper does not filter (False).
+    exclude_later_positives: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None, n_stages: int) -> "Mining":
         p = dict(params or {})
-        known = {"candidates", "bucket_by", "max_scored", "similarity_bands", "score_batch_size"}
+        known = {"candidates", "bucket_by", "max_scored", "similarity_bands", "score_batch_size", "exclude_later_positives"}
         if set(p) - known:
             raise ValueError(f"parameters sp_dpo_curriculum.mining: unknown key(s) {sorted(set(p) - known)}; expected some of {sorted(known)}")
         if "similarity_bands" in p:
             p["similarity_bands"] = tuple(tuple(float(x) for x in b) for b in p["similarity_bands"])
         m = cls(**p)
+        if not isinstance(m.exclude_later_positives, bool):
+            raise ValueError("parameters sp_dpo_curriculum.mining.exclude_later_positives: expected true or false, "
+                             f"got {m.exclude_later_positives!r}")
         if m.candidates not in MINING_CANDIDATES:
             raise ValueError(f"parameters sp_dpo_curriculum.mining.candidates: expected one of {MINING_CANDIDATES}, got {m.candidates!r}")
         if m.bucket_by not in BUCKET_BY:
@@ -419,10 +425,13 @@ def mine_pairs(
     mining: Mining,
     rng: np.random.Generator,
     show_progress: bool = True,
+    later: Sequence[np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Self-play pairs of one stage: per prompt and bucket, the policy's best-ranked bucket members
     (beam order, or exact scores over beam ∪ a sample of the bucket), topped up from the catalogue in
-    beam mode. Same columns as `build_pairs`; stats add ``filled_fraction`` and ``beam_fraction``."""
+    beam mode. Same columns as `build_pairs`; stats add ``filled_fraction`` and ``beam_fraction``.
+    ``later`` (per prompt, the catalogue indices its user consumes later in training; `later_positives`)
+    is counted among the rejected items, and never rejected when ``mining.exclude_later_positives``."""
     position = {iid: i for i, iid in enumerate(item_ids)}
     chosen_idx = [position[str(t)] for t in prompts["target_item_id"]]
     emb = scid_embeddings(policy, tokens) if mining.bucket_by == "similarity" else None
@@ -438,18 +447,25 @@ def mine_pairs(
                 row += [int(i) for i in (rng.choice(pool, mining.max_scored, replace=False) if len(pool) > mining.max_scored else pool)]
             cand[r, : len(row)] = row
         ranked = score_candidates(policy, prompts["prompt"].tolist(), item_scids, item_ids, cand, mining.score_batch_size, show_progress)
-    rows, n_dropped = [], 0
+    rows, n_dropped, n_later_rejected, n_later_excluded = [], 0, 0, 0
     for r, row in enumerate(prompts.itertuples(index=False)):
         chosen, rejected, filled = chosen_idx[r], [], 0
+        mine_later = later[r] if later is not None else np.empty(0, dtype=np.int64)
+        if mining.exclude_later_positives and len(mine_later):
+            # what the policy ranked (beam or exact scores) that the filter keeps out
+            n_later_excluded += int(np.isin(ranked[r], mine_later).sum())
         for (_, n), m in zip(buckets, members[r]):
             m = m.copy()
             m[rejected] = False
+            if mining.exclude_later_positives:
+                m[mine_later] = False
             got, f = scored_negatives(chosen, ranked[r], m, n, rng, fill=mining.candidates == "beam")
             rejected += got
             filled += f
         if not rejected:
             n_dropped += 1
             continue
+        n_later_rejected += int(np.isin(rejected, mine_later).sum())
         in_beam = set(int(i) for i in beam[r])
         rows.append(
             {
@@ -472,8 +488,39 @@ def mine_pairs(
         "filled_fraction": float(pairs["filled"].sum()) / n_rej if n_rej else 0.0,
         # Negatives that were among the policy's own beam top-K (the rest: exact scores over the bucket).
         "beam_fraction": float(pairs["_in_beam"].sum()) / n_rej if n_rej else 0.0,
+        # Rejected items the user consumes later in training (0 when they are excluded), and how many ranked
+        # candidates the exclusion kept out; NaN without the user's training sequence.
+        "n_rejected_later_positive": float(n_later_rejected) if later is not None else float("nan"),
+        "later_positive_fraction": (n_later_rejected / n_rej if n_rej else 0.0) if later is not None else float("nan"),
+        "n_later_positive_candidates_excluded": float(n_later_excluded) if later is not None else float("nan"),
     }
     return pairs[PAIR_COLUMNS].reset_index(drop=True), stats
+
+
+def later_positives(train_sequences: pd.DataFrame, prompts: pd.DataFrame, item_ids: Sequence[str]) -> list[np.ndarray]:
+    """Per prompt (user_id, target_item_id): the catalogue indices of the items that user consumes after that
+    target in training (train_sequences' targets at a later position); empty when the transition is not a
+    training one. Items outside the catalogue are left out. Order: `position`, else the history's length."""
+    for col in ("user_id", "target"):
+        if col not in train_sequences.columns:
+            raise ValueError(f"train_sequences: missing column {col!r} (columns: {list(train_sequences.columns)})")
+    if "position" not in train_sequences.columns and "history" not in train_sequences.columns:
+        raise ValueError("train_sequences: needs a 'position' or a 'history' column to order a user's transitions")
+    index = {str(i): k for k, i in enumerate(item_ids)}
+    order = train_sequences["position"] if "position" in train_sequences.columns else train_sequences["history"].map(len)
+    ordered = train_sequences.assign(_order=order).sort_values(["user_id", "_order"], kind="stable")
+    per_user: dict[str, list[int]] = {}
+    where: dict[tuple[str, str], int] = {}
+    for u, t in zip(ordered["user_id"].astype(str), ordered["target"].astype(str)):
+        seq = per_user.setdefault(u, [])
+        where.setdefault((u, t), len(seq))  # a repeated item: its first consumption
+        seq.append(index.get(t, -1))
+    out = []
+    for u, t in zip(prompts["user_id"].astype(str), prompts["target_item_id"].astype(str)):
+        p = where.get((u, t))
+        later = [] if p is None else [i for i in per_user[u][p + 1:] if i >= 0]
+        out.append(np.unique(np.asarray(later, dtype=np.int64)))
+    return out
 
 
 def user_tokens_like_sft(sft_examples: pd.DataFrame, user_scids: pd.DataFrame, setting: Any = "auto") -> dict[str, str] | None:

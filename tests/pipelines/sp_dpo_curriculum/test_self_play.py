@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -238,3 +239,79 @@ def test_transition_prompts_skip_the_sft_seq_targets():
     assert len(prompts) > 0 and info["transitions_that_were_sft_seq"] == len(used)
     assert not used & set(zip(prompts["user_id"], prompts["target_item_id"]))
     assert len(prompts) + len(used) == len(world.train_sequences)
+
+
+# ---------------------------------------------------------------- de-noised negatives: no later-consumed item rejected
+
+
+def test_later_positives_by_hand():
+    from align3gr_pipelines.preference.self_play import later_positives
+
+    ids = ["a", "b", "c", "d", "e"]
+    train = pd.DataFrame({"user_id": ["u", "u", "u", "v"], "history": [["a"], ["a", "b"], ["a", "b", "c"], ["e"]],
+                          "target": ["b", "c", "d", "a"], "position": [1, 2, 3, 1]})
+    prompts = pd.DataFrame({"user_id": ["u", "u", "u", "v", "w"], "target_item_id": ["b", "c", "d", "a", "a"]})
+    got = later_positives(train.sample(frac=1.0, random_state=0), prompts, ids)  # row order must not matter
+    assert [list(x) for x in got] == [[2, 3], [3], [], [], []]  # after b: c, d; after c: d; last: none; unknown: none
+    # without a position column the history's length orders the transitions
+    assert [list(x) for x in later_positives(train.drop(columns="position"), prompts, ids)] == [[2, 3], [3], [], [], []]
+    with pytest.raises(ValueError, match="'position' or a 'history'"):
+        later_positives(train[["user_id", "target"]], prompts, ids)
+
+
+@pytest.mark.parametrize("candidates", ["beam", "scored"])
+def test_no_rejected_item_is_a_later_consumed_item_when_excluded(candidates):
+    from align3gr_pipelines.preference.self_play import Mining, mine_pairs, stage_buckets
+
+    world, ids, codes, tokens, prompts, chosen, beam = _mining_setup()
+    easy = stage_buckets(curriculum_quotas(0, 3, 3, 3), 0, 3, 3, Mining())
+    plain = Mining(candidates=candidates, max_scored=64)
+    first, _ = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, easy, plain, np.random.default_rng(0), False)
+    # pretend each user later consumes the first two items the paper's setting rejected for its prompt
+    pos = {iid: i for i, iid in enumerate(ids)}
+    later = [np.array(sorted(pos[i] for i in row.rejected[:2]), dtype=np.int64) for row in first.itertuples()]
+    pairs, stats = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, easy, plain, np.random.default_rng(0), False, later)
+    assert stats["n_rejected_later_positive"] == 2 * len(prompts)  # counted, not removed, in the paper's setting
+    denoised = Mining(candidates=candidates, max_scored=64, exclude_later_positives=True)
+    pairs, stats = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, easy, denoised, np.random.default_rng(0), False, later)
+    for r, row in enumerate(pairs.itertuples()):
+        assert not set(row.rejected) & {ids[i] for i in later[r]}
+    assert stats["n_rejected_later_positive"] == 0 and stats["n_later_positive_candidates_excluded"] > 0
+    with pytest.raises(ValueError, match="exclude_later_positives"):
+        Mining.from_params({"exclude_later_positives": "yes"}, 3)
+
+
+# ---------------------------------------------------------------- DPO memory: in-place training, trainable-only snapshots
+
+
+def test_in_place_stage_equals_the_copying_stage_and_trains_the_input_model():
+    from align3gr_pipelines.preference.dpo_stage import train_stage
+    from align3gr_pipelines.preference.dpo_trainer import DPOConfig, weights_fingerprint
+    from align3gr_pipelines.preference.self_play import Mining, mine_pairs, stage_buckets
+
+    world, ids, codes, tokens, prompts, chosen, beam = _mining_setup()
+    easy = stage_buckets(curriculum_quotas(0, 3, 3, 3), 0, 3, 3, Mining())
+    pairs, _ = mine_pairs(world.policy, prompts, world.item_scids, ids, codes, tokens, beam, easy, Mining(), np.random.default_rng(0), False)
+    cfg = dict(batch_size=2, epochs=1, learning_rate=1e-3, show_progress=False, device="cpu")
+    before = weights_fingerprint(world.policy.model)
+    copied, _ = train_stage(world.policy, pairs, DPOConfig(**cfg), 0, "sp_dpo_easy", "sft")
+    assert weights_fingerprint(world.policy.model) == before  # the copying stage leaves its input alone
+    in_place, _ = train_stage(world.policy, pairs, DPOConfig(**cfg, in_place=True), 0, "sp_dpo_easy", "sft")
+    assert in_place.model is world.policy.model  # no second copy of the weights
+    assert in_place.meta["dpo"] == copied.meta["dpo"] | {"config": in_place.meta["dpo"]["config"]}
+    assert weights_fingerprint(in_place.model) == weights_fingerprint(copied.model) != before
+
+
+def test_snapshot_holds_only_trainable_tensors_and_restores_them():
+    from align3gr_pipelines.preference.dpo_trainer import restore_snapshot, trainable_snapshot
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[0].weight.requires_grad_(False)  # a frozen "base" tensor
+    snap = trainable_snapshot(model)
+    assert set(snap) == {"0.bias", "1.weight", "1.bias"}
+    frozen = model[0].weight.data_ptr()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    restore_snapshot(model, snap)
+    assert torch.equal(model[1].weight, snap["1.weight"]) and model[0].weight.data_ptr() == frozen

@@ -123,12 +123,15 @@ def build_self_play_pairs(
             beam_width=int(dec.get("beam_width", 20)), top_k=int(dec.get("top_k", 20)),
             batch_size=int(dec.get("batch_size", 32)), show_progress=show,
         )
-        pairs, stats = self_play.mine_pairs(policy, prompts, item_scids, item_ids, codes, tokens, beam, buckets, mining, rng, show)
+        later = self_play.later_positives(train_sequences, prompts, item_ids)
+        pairs, stats = self_play.mine_pairs(policy, prompts, item_scids, item_ids, codes, tokens, beam, buckets, mining, rng, show, later)
     log.info(
         "sp_dpo %s (%s, mining %s): %d pairs from %d prompts, buckets %s; %d negatives ranked by the policy, %d filled "
-        "from the catalogue (filled share %.1f%%); %d prompts dropped with no negative",
+        "from the catalogue (filled share %.1f%%); %d prompts dropped with no negative; later-consumed items: %s "
+        "rejected, %s candidates excluded",
         stage, mode, mining, len(pairs), len(prompts), buckets, stats["n_rejected_generated"], stats["n_rejected_filled"],
         100 * stats.get("filled_fraction", 0.0), stats["n_dropped_no_negative"],
+        stats.get("n_rejected_later_positive", "n/a"), stats.get("n_later_positive_candidates_excluded", "n/a"),
     )
     if len(pairs) == 0:
         raise ValueError(f"sp_dpo {stage}: no preference pair could be built (no catalogue item in buckets {buckets})")

@@ -771,8 +771,9 @@ def write_report(out: Path, md_path: Path, png_path: Path, title: str, command: 
     long = gather(out, env=dataset)
     summary = summarize(long) if len(long) else {}
     tables = list(dict.fromkeys(line.table for line in LINES))
+    holdout = "a suffix holdout (each of a user's last k items its own case)" if "holdout.mode=suffix" in command else "leave-one-out"
     md = [f"# {title}", "", f"Produced by `{command}`.",
-          "Test split, leave-one-out, every metric the mean over seeds ± the half-width of a 95% Student-t "
+          f"Test split, {holdout}, every metric the mean over seeds ± the half-width of a 95% Student-t "
           "confidence interval across seeds (a single seed shows the value alone). Rows: benchmarks/study_rows.py.", ""]
     if notes is not None:  # hand-written context (how the study was run, what the numbers mean), kept verbatim
         md += [notes.read_text().rstrip(), ""]

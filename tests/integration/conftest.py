@@ -129,9 +129,8 @@ def _mlflow_server_early(request: pytest.FixtureRequest, tmp_path_factory: pytes
     server.stop()
 
 
-@pytest.fixture
-def mlflow_server(_mlflow_server_early: MlflowServer | None) -> Iterator[MlflowServer]:
-    server = _mlflow_server_early
+def ready_server(server: MlflowServer | None) -> MlflowServer:
+    """The early-started server once it answers; a skip without mlflow, a failure (with its log) if it dies."""
     if server is None:
         pytest.skip("mlflow is not installed")
     try:
@@ -139,5 +138,11 @@ def mlflow_server(_mlflow_server_early: MlflowServer | None) -> Iterator[MlflowS
     except ServerStartError as error:  # a server that dies or never answers is a failure, with its log
         server.stop()
         pytest.fail(str(error), pytrace=False)
+    return server
+
+
+@pytest.fixture
+def mlflow_server(_mlflow_server_early: MlflowServer | None) -> Iterator[MlflowServer]:
+    server = ready_server(_mlflow_server_early)
     yield server
     server.stop()  # not at session end: the rest of the suite should not share the CPUs with it

@@ -17,21 +17,14 @@ import pytest
 
 from align3gr_pipelines.tracking import dag_run, mlflow_runs
 
-from .conftest import run_project
-from .mlflow_server import MlflowServer, ServerStartError
+from .conftest import ready_server, run_project
+from .mlflow_server import MlflowServer
 
 
 @pytest.fixture(scope="module")
 def mlflow_server(_mlflow_server_early: MlflowServer | None) -> Iterator[MlflowServer]:
     """One server for this module's tests (the conftest's fixture stops it after each test)."""
-    server = _mlflow_server_early
-    if server is None:
-        pytest.skip("mlflow is not installed")
-    try:
-        server.wait_ready(timeout=180)
-    except ServerStartError as error:  # a server that dies or never answers is a failure, with its log
-        server.stop()
-        pytest.fail(str(error), pytrace=False)
+    server = ready_server(_mlflow_server_early)
     yield server
     server.stop()
 

@@ -192,6 +192,32 @@ def bootstrap_ci(
     return (float(low), float(high)) if x.ndim == 1 else (low, high)
 
 
+def bootstrap_ratio_ci(
+    numerator: Sequence[float] | np.ndarray, denominator: Sequence[float] | np.ndarray, n_resamples: int = 1000,
+    confidence: float = 0.95, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CI of sum(numerator) / sum(denominator) over users, per-user values [n, S] (one
+    column per series); users are resampled as in `bootstrap_ci` (same seed, same resamples). A resample
+    whose denominator sums to 0 has no ratio and is left out; NaN bounds when every resample is."""
+    num, den = np.asarray(numerator, dtype=np.float64), np.asarray(denominator, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 2 or num.shape[0] == 0:
+        raise ValueError(f"bootstrap_ratio_ci needs two equally shaped [n, S] arrays with n > 0, got {num.shape} and {den.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    top = np.concatenate([c @ num for c in _resample_counts(num.shape[0], n_resamples, seed)])
+    bottom = np.concatenate([c @ den for c in _resample_counts(den.shape[0], n_resamples, seed)])
+    ratios = np.where(bottom > 0, top / np.where(bottom > 0, bottom, 1.0), np.nan)
+    alpha = (1.0 - confidence) / 2
+    defined = ~np.isnan(ratios).all(axis=0)
+    low, high = np.full(num.shape[1], np.nan), np.full(num.shape[1], np.nan)
+    if defined.any():
+        low[defined] = np.nanquantile(ratios[:, defined], alpha, axis=0)
+        high[defined] = np.nanquantile(ratios[:, defined], 1 - alpha, axis=0)
+    return low, high
+
+
 def paired_permutation_test(
     a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, n_permutations: int = 10000, seed: int = 0
 ) -> float | np.ndarray:

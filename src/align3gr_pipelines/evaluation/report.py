@@ -1,5 +1,5 @@
-"""The evaluation table: Recall/NDCG@K per model and split with bootstrap CIs and a paired test against a
-reference model, its Markdown rendering and its comparison plot."""
+"""The evaluation table: Recall/NDCG@K (HR@1 = Recall@1) and MRR@K per model and split with bootstrap CIs and a
+paired test against a reference model, its Markdown rendering and its comparison plot."""
 from __future__ import annotations
 
 from typing import Any
@@ -17,6 +17,35 @@ from align3gr_pipelines.evaluation.metrics import (
 )
 
 METRIC_COLUMNS = ["model", "split", "metric", "value", "ci_low", "ci_high", "p_value_vs_sasrec", "n_users"]
+
+
+def check_cutoffs(ks: list[Any], mrr_ks: list[Any], top_k: int, beam_width: int) -> tuple[list[int], list[int]]:
+    """`evaluation.ks` and `evaluation.mrr_ks` as ints, each in [1, top_k]: a metric is computed on the kept
+    list only, so a cut-off beyond it would score every deeper hit as a miss. The LMs' beam is widened to top_k
+    when top_k > beam_width (`constrained_beam_search`), so top_k is the one bound."""
+    def ints(name: str, values: list[Any]) -> list[int]:
+        if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
+            raise ValueError(f"evaluation.{name} must be a list of integers, got {values!r}")
+        return [int(v) for v in values]
+
+    ks_, mrr_ = ints("ks", list(ks)), ints("mrr_ks", list(mrr_ks))
+    if not ks_ or min(ks_) < 1 or max(ks_) > top_k:
+        raise ValueError(f"evaluation.ks must be non-empty, each in [1, evaluation.top_k={top_k}], got {ks_}")
+    too_deep = [k for k in mrr_ if k > top_k]
+    if mrr_ and min(mrr_) < 1:
+        raise ValueError(f"evaluation.mrr_ks: each must be >= 1, got {mrr_}")
+    if too_deep:
+        raise ValueError(
+            f"evaluation.mrr_ks {too_deep} exceed evaluation.top_k={top_k}: MRR@K ranks the kept list only, so MRR@{max(too_deep)} "
+            f"needs evaluation.top_k >= {max(too_deep)} (the LMs' beam then widens from beam_width={beam_width} to top_k; "
+            f"e.g. --params \"evaluation.top_k={max(too_deep)},evaluation.mrr_ks=[10,{max(too_deep)}]\")"
+        )
+    return ks_, mrr_
+
+
+def metric_label(metric: str) -> str:
+    """The column heading of a metric in metrics.md: recall@1 is HR@1 (one target per case)."""
+    return "HR@1" if metric == "recall@1" else metric
 
 
 def metric_table(
@@ -65,11 +94,14 @@ def metrics_markdown(table: pd.DataFrame, info: dict[str, Any]) -> str:
     lines = ["# Evaluation", "",
              f"Leave-one-out, full catalogue, constrained beam search width {info['beam_width']} for the LMs; "
              f"mean with {conf}% bootstrap CI ({info['bootstrap']['n_resamples']} resamples of users); p: paired "
-             f"sign-flip permutation test vs SASRec ({info['paired_test']['n_permutations']} permutations).", ""]
+             f"sign-flip permutation test vs SASRec ({info['paired_test']['n_permutations']} permutations). HR@1 = "
+             "Recall@1 (one target per case; NDCG@1 equals it); MRR@K: reciprocal rank, 0 beyond K. A target tied "
+             "with other listed items gets the mean credit over its tie group's positions.", ""]
     for split, part in table.groupby("split", sort=False):
         metrics = list(dict.fromkeys(part["metric"]))
         lines += [f"## {split} ({int(part['n_users'].iloc[0])} users)", "",
-                  "| model | " + " | ".join(metrics) + " | " + " | ".join(f"p {m}" for m in metrics) + " |",
+                  "| model | " + " | ".join(map(metric_label, metrics)) + " | "
+                  + " | ".join(f"p {metric_label(m)}" for m in metrics) + " |",
                   "|---" * (1 + 2 * len(metrics)) + "|"]
         for model, m in part.groupby("model", sort=False):
             cells = {r.metric: f"{r.value:.4f} [{r.ci_low:.4f}, {r.ci_high:.4f}]" for r in m.itertuples()}

@@ -2,8 +2,9 @@
 
 Every recommender (baselines and each LM checkpoint present) ranks the whole item catalogue (the
 `item_scids` table) for every user of the evaluated splits (leave-one-out: one held-out target per user).
-Its top-K goes to `recommendations` (rank is 1-based); `evaluation_metrics` holds Recall/NDCG@K with
-bootstrap CIs and a paired test against SASRec. The test split is always scored in full. A preference stage
+Its top-K goes to `recommendations` (rank is 1-based); `evaluation_metrics` holds Recall/NDCG@K (HR@1) and
+MRR@K with bootstrap CIs and a paired test against SASRec; `evaluation_feedback_exposure` the liked / disliked
+hits and disliked exposure where the held-out targets are rated. The test split is always scored in full. A preference stage
 whose selection kept its input policy is not decoded again (`evaluation.stage_reuse`).
 """
 from __future__ import annotations
@@ -23,7 +24,18 @@ import torch
 from align3gr_pipelines.cf.baselines import ItemKNN, MostPopular, SASRecScorer, recommend, top_k
 from align3gr_pipelines.cf.sasrec import training_sequences
 from align3gr_pipelines.evaluation.cases import as_recommendations, empty_recs, eval_cases, recs_frame
-from align3gr_pipelines.evaluation.report import metric_table, metrics_markdown, plot_comparison  # noqa: F401 (a node)
+from align3gr_pipelines.evaluation.feedback_exposure import (
+    exposure_markdown,
+    exposure_scalars,
+    exposure_settings,
+    feedback_exposure,
+)
+from align3gr_pipelines.evaluation.report import (  # noqa: F401 (plot_comparison is a node)
+    check_cutoffs,
+    metric_table,
+    metrics_markdown,
+    plot_comparison,
+)
 from align3gr_pipelines.evaluation.sasrec_bce import bce_settings, train_sasrec_bce
 from align3gr_pipelines.evaluation.stage_reuse import kept_input_policy, reuse_input_rows
 from align3gr_pipelines.evaluation.timing import insert_section, timing_markdown, timing_scalars
@@ -283,16 +295,13 @@ def _mlflow_key(*parts: str) -> str:
 
 
 def compute_metrics(
-    recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int
+    recommendations: pd.DataFrame, eval_cases: pd.DataFrame, run_info: dict[str, Any], params: dict[str, Any], seed: int,
+    extra_section: str = "",
 ) -> tuple[pd.DataFrame, str, dict[str, Any]]:
-    """Recall/NDCG@K (and MRR@K) per model and split over every evaluated user, with bootstrap CIs and a paired test
-    against SASRec (`evaluation.report.metric_table`); the Markdown table and the run's metrics JSON."""
-    ks = [int(k) for k in params["ks"]]
-    if not ks or min(ks) < 1 or max(ks) > int(params["top_k"]):
-        raise ValueError(f"evaluation.ks must be non-empty, each in [1, top_k={params['top_k']}], got {ks}")
-    mrr_ks = [int(k) for k in params.get("mrr_ks") or []]
-    if mrr_ks and (min(mrr_ks) < 1 or max(mrr_ks) > int(params["top_k"])):
-        raise ValueError(f"evaluation.mrr_ks: each must be in [1, top_k={params['top_k']}] (the kept list), got {mrr_ks}")
+    """Recall/NDCG@K (HR@1 = Recall@1) and MRR@K per model and split over every evaluated user, with bootstrap CIs
+    and a paired test against SASRec (`evaluation.report.metric_table`); the Markdown table (with
+    `extra_section`, e.g. the feedback exposure section, before the timing) and the run's metrics JSON."""
+    ks, mrr_ks = check_cutoffs(params["ks"], params.get("mrr_ks") or [], int(params["top_k"]), int(params["beam_width"]))
     boot, perm = params.get("bootstrap", {}) or {}, params.get("paired_test", {}) or {}
     n_boot, conf = int(boot.get("n_resamples", 1000)), float(boot.get("confidence", 0.95))
     n_perm = int(perm.get("n_permutations", 10000))
@@ -313,8 +322,27 @@ def compute_metrics(
     }
     # report.metrics_markdown's own ms/user table gives way to timing_markdown (seconds, ms/user, reuse notes).
     untimed = {**info, "models": [{k: v for k, v in m.items() if k != "ms_per_user"} for m in info["models"]]}
-    markdown = insert_section(metrics_markdown(table, untimed), timing_markdown(info["models"]))
+    markdown = metrics_markdown(table, untimed)
+    if extra_section:
+        markdown = insert_section(markdown, extra_section)
+    markdown = insert_section(markdown, timing_markdown(info["models"]))
     return table, markdown, {"scalars": scalars, "curves": {}, "info": info}
+
+
+def report_feedback_exposure(
+    recommendations: pd.DataFrame, eval_cases: pd.DataFrame, feedback: pd.DataFrame, run_info: dict[str, Any],
+    params: dict[str, Any], seed: int,
+) -> tuple[pd.DataFrame, dict[str, Any], str]:
+    """Liked / disliked hits@K, disliked exposure and their ratio per model and split
+    (`evaluation.feedback_exposure`): the table, its metrics JSON and the metrics.md section. Skipped, with
+    the reason logged and written, where the held-out targets carry no rating (e.g. Instruments)."""
+    settings = exposure_settings(params.get("feedback_exposure"), int(params["top_k"]))
+    boot = params.get("bootstrap", {}) or {}
+    table, info = feedback_exposure(recommendations, eval_cases, feedback, [m["model"] for m in run_info["models"]], settings,
+                                    int(boot.get("n_resamples", 1000)), float(boot.get("confidence", 0.95)), int(seed))
+    if info.get("skipped"):
+        log.info("evaluation: feedback exposure skipped: %s", info["skipped"])
+    return table, {"scalars": exposure_scalars(table, _mlflow_key), "curves": {}, "info": info}, exposure_markdown(table, info)
 
 
 def report_preference_stages(

@@ -1,6 +1,6 @@
 """The `evaluation` stage wiring: cases and prompts → one recommender node per baseline and per LM
 checkpoint (plus the BCE SASRec it trains, `sasrec_bce_model`) → `recommendations` → metrics table
-(Parquet, Markdown, JSON) and comparison chart."""
+(Parquet, Markdown, JSON) with the feedback exposure section (its own Parquet and JSON) and comparison chart."""
 from kedro.pipeline import Pipeline, node
 
 from align3gr_pipelines.pipelines import stage_pipeline
@@ -18,6 +18,7 @@ from .nodes import (
     recommend_most_popular,
     recommend_sasrec,
     recommend_sasrec_bce,
+    report_feedback_exposure,
     report_preference_stages,
 )
 
@@ -51,7 +52,11 @@ def create_pipeline(**kwargs) -> Pipeline:
                  ["sasrec_bce_model", "sasrec_bce_log"], name="fit_sasrec_bce"),
             *recommenders,
             node(combine_recommendations, parts, ["recommendations", "eval_run_info"], name="combine_recommendations"),
-            node(compute_metrics, ["recommendations", "eval_cases", "eval_run_info", params, "params:seed"],
+            node(report_feedback_exposure, ["recommendations", "eval_cases", "feedback", "eval_run_info", params, "params:seed"],
+                 ["evaluation_feedback_exposure", "evaluation_feedback_exposure_json", "evaluation_feedback_exposure_md"],
+                 name="report_feedback_exposure"),
+            node(compute_metrics, ["recommendations", "eval_cases", "eval_run_info", params, "params:seed",
+                                   "evaluation_feedback_exposure_md"],
                  ["evaluation_metrics", "evaluation_metrics_md", "evaluation_metrics_json"], name="compute_evaluation_metrics"),
             node(plot_comparison, "evaluation_metrics", "evaluation_comparison_plot", name="plot_evaluation_comparison"),
             node(report_preference_stages, ["recommendations", "eval_cases", "feedback", params, "params:seed"],

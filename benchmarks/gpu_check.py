@@ -4,9 +4,10 @@
     python benchmarks/gpu_check.py --tiny --out /tmp/gpu_check.json     # any machine, seconds (the test's run)
 
 What it measures. A decoder of Llama-2-7B's shape (hidden 4096, 32 layers, 32 heads, intermediate 11008,
-vocab 32000) built from a ``LlamaConfig`` with random weights (no download), bf16 on CUDA. The tokenizer is a
-tiny byte-level BPE trained on the prompts (``lm.backbone.train_bpe_tokenizer``), padded with reserved tokens
-to 32000 so the catalogue's SCID tokens (``add_scid_tokens``) are new rows appended by
+vocab 32000) built from a ``LlamaConfig`` with random weights (no download), its frozen base in ``--dtype``
+(``lm.precision``: auto = bf16 on CUDA, fp32 on a CPU; the LoRA matrices and SCID rows stay fp32). The
+tokenizer is a tiny byte-level BPE trained on the prompts (``lm.backbone.train_bpe_tokenizer``), padded with
+reserved tokens to 32000 so the catalogue's SCID tokens (``add_scid_tokens``) are new rows appended by
 ``resize_token_embeddings``, as for a pretrained LM. The catalogue is LC-Rec's ``Instruments.index.json``
 (``--catalogue``; all 4 code levels, ``<a_12>`` -> ``<i0_12>``; the few items whose 4 codes collide with an
 earlier item's are dropped, as the trie needs unique SCIDs) or, when that file is absent, a synthetic
@@ -41,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 from align3gr_pipelines.devices import bf16_autocast  # noqa: E402
 from align3gr_pipelines.lm.backbone import add_scid_tokens, train_bpe_tokenizer  # noqa: E402
 from align3gr_pipelines.lm.constrained_decoding import constrained_beam_search  # noqa: E402
+from align3gr_pipelines.lm.precision import DTYPE_SETTINGS, resolve_dtype  # noqa: E402
 from align3gr_pipelines.lm.rec_lm import encode_prompt, encode_response  # noqa: E402
 from align3gr_pipelines.lm.scid_catalog import SCIDCatalog  # noqa: E402
 from align3gr_pipelines.preference.dpo_trainer import DPOConfig, examples_from_pairs, train_dpo  # noqa: E402
@@ -112,7 +114,7 @@ def build(args: argparse.Namespace, shape: dict[str, Any], texts: list[str], sci
                          max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, use_cache=False)
     torch.manual_seed(args.seed)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = resolve_dtype(args.dtype, device, frozen_base=True, where="--dtype")  # the base never trains
     # Built on the device in its final dtype: a 7B model initialised in fp32 on the CPU is slow and 27 GB.
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -163,7 +165,8 @@ def dpo(model: Any, tok: Any, examples: list[tuple[str, str]], scids: list[str],
                           "rejected_tokens": rejected})
     prefs = examples_from_pairs(pairs, tok)
     cfg = DPOConfig(batch_size=batch, ref_batch_size=batch, device=device, show_progress=False)
-    result = train_dpo(model, prefs, cfg, pad_id=tok.pad_token_id, seed=seed)  # bf16 weights, as the DPO stages run
+    # As the DPO stages run: the base in --dtype, the adapter in fp32, bf16 autocast on CUDA (DPOConfig.autocast).
+    result = train_dpo(model, prefs, cfg, pad_id=tok.pad_token_id, seed=seed)
     sc = result.scalars
     tokens = sum(len(e.prompt_ids) + len(e.chosen_ids) + sum(map(len, e.rejected_ids)) for e in prefs)
     return {"pairs": len(prefs), "rejected_per_pair": float(sc["mean_rejected_per_pair"]), "steps": int(sc["optimizer_steps"]),
@@ -202,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beam", type=int, default=20)
     ap.add_argument("--decode-batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=DTYPE_SETTINGS, default="auto",
+                    help="the base weights' dtype (lm.precision): auto = bfloat16 on CUDA, float32 on a CPU")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.tiny:
         print(NO_CUDA)
@@ -224,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "tiny": args.tiny,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__},
-        "shape": {k: v for k, v in shape.items() if v is not None}, "dtype": "bfloat16" if device == "cuda" else "float32",
+        "shape": {k: v for k, v in shape.items() if v is not None},
+        "dtype": str(resolve_dtype(args.dtype, device, frozen_base=True)).removeprefix("torch."),
         "lora": {"r": 16, "target_modules": LORA_TARGETS}, "catalogue": {**cat_info, "items": len(items)},
         "history": args.history, "deadline_s": args.deadline, "stages": {},
     }

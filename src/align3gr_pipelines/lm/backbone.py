@@ -7,6 +7,10 @@
     with LoRA through PEFT. The SCID tokens are new rows of the embedding (and of the output layer when it
     is not tied); PEFT's trainable tokens make exactly those rows trainable and save only them.
 
+``dtype`` (`lm.precision`): ``auto`` keeps the scratch model in fp32 (it trains weight by weight) and loads
+an ``hf`` base in bf16 on CUDA (it stays frozen; LoRA and the SCID rows train in fp32). The setting is
+recorded in the bundle's meta, so every later load resolves the same setting on its own device.
+
 In both cases every user and item SCID token is added as a single, non-special token. ``lstrip`` lets a
 SCID token swallow the space before it, so "items <i0_1><i1_2>, <i0_3>..." costs one token per level plus
 one per comma.
@@ -21,6 +25,8 @@ from typing import Any
 import pandas as pd
 import torch
 
+from align3gr_pipelines.devices import pick_device
+from align3gr_pipelines.lm.precision import check_dtype_setting, resolve_dtype
 from align3gr_pipelines.lm.rec_lm import RecLM, load_base_model, resolve_model_path
 from align3gr_pipelines.tokenizer.scid import scid_token, tokens_to_codes
 
@@ -93,8 +99,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: in
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
-def build_scratch(texts: Iterable[str], scid_tokens: Sequence[str], cfg: dict[str, Any], seed: int) -> tuple[Any, Any]:
-    """(model, tokenizer): a Llama decoder from config over a BPE tokenizer trained on `texts`."""
+def build_scratch(
+    texts: Iterable[str], scid_tokens: Sequence[str], cfg: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """(model, tokenizer): a Llama decoder from config over a BPE tokenizer trained on `texts`, in `dtype`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = train_bpe_tokenizer(texts, cfg["vocab_size"], cfg.get("min_frequency", 2))
@@ -123,6 +131,8 @@ def build_scratch(texts: Iterable[str], scid_tokens: Sequence[str], cfg: dict[st
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if dtype != torch.float32:  # initialised in fp32 and then cast, so a seed gives the same weights in any dtype
+        model.to(dtype)
     if config.tie_word_embeddings:
         # The head is the embedding matrix, so checkpoints hold it once. Saying so lets the HF Trainer re-tie
         # it when it reloads the best checkpoint, instead of warning "missing keys: ['lm_head.weight']".
@@ -136,8 +146,11 @@ def _module_name(model: Any, module: Any) -> str:
     return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
 
 
-def build_hf_lora(scid_tokens: Sequence[str], cfg: dict[str, Any], seed: int) -> tuple[Any, Any]:
-    """(PEFT model, tokenizer): a pretrained LM + SCID tokens, LoRA on `target_modules`, SCID rows trainable."""
+def build_hf_lora(
+    scid_tokens: Sequence[str], cfg: dict[str, Any], seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """(PEFT model, tokenizer): a pretrained LM (its weights in `dtype`) + SCID tokens, LoRA on `target_modules`,
+    SCID rows trainable (fp32, as the LoRA matrices: PEFT upcasts the adapter of a bf16/fp16 base)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
@@ -145,7 +158,7 @@ def build_hf_lora(scid_tokens: Sequence[str], cfg: dict[str, Any], seed: int) ->
     path = resolve_model_path(base_spec["name_or_path"])
     extra = {"gguf_file": base_spec["gguf_file"]} if base_spec["gguf_file"] else {}
     tok = AutoTokenizer.from_pretrained(path, **extra)
-    model = load_base_model(base_spec)
+    model = load_base_model(base_spec, dtype)
     if tok.pad_token is None:  # padding positions are masked out of attention and loss, any id does
         tok.pad_token = tok.eos_token
     new_ids = add_scid_tokens(tok, scid_tokens)
@@ -173,26 +186,31 @@ def build_hf_lora(scid_tokens: Sequence[str], cfg: dict[str, Any], seed: int) ->
 
 
 def build_backbone(
-    cfg: dict[str, Any], texts: Iterable[str], scid_vocab: dict[str, list[str]], seed: int, item_scid_levels: int
+    cfg: dict[str, Any], texts: Iterable[str], scid_vocab: dict[str, list[str]], seed: int, item_scid_levels: int,
+    device: str | None = "auto",
 ) -> RecLM:
-    """A fresh RecLM for SFT, chosen by ``cfg["kind"]`` ('scratch' or 'hf')."""
+    """A fresh RecLM for SFT, chosen by ``cfg["kind"]`` ('scratch' or 'hf'), its weights in ``cfg["dtype"]``
+    (default auto, judged on ``device``: where it will train)."""
     tokens = scid_vocab.get("item", []) + scid_vocab.get("user", [])
     if not scid_vocab.get("item"):
         raise ValueError("backbone: the item SCID vocabulary is empty; is 'item_scids' empty?")
     kind = cfg.get("kind", "scratch")
-    if kind == "scratch":
-        model, tok = build_scratch(texts, tokens, cfg["scratch"], seed)
-        base = None
-    elif kind == "hf":
-        model, tok = build_hf_lora(tokens, cfg["hf"], seed)
-        base = {"name_or_path": cfg["hf"]["name_or_path"], "gguf_file": cfg["hf"].get("gguf_file")}
-    else:
+    if kind not in ("scratch", "hf"):
         raise ValueError(f"sft_train.backbone.kind must be 'scratch' or 'hf', got {kind!r}")
+    setting = check_dtype_setting(cfg.get("dtype", "auto"), "sft_train.backbone.dtype")
+    dtype = resolve_dtype(setting, pick_device(device), frozen_base=kind == "hf")
+    if kind == "scratch":
+        model, tok = build_scratch(texts, tokens, cfg["scratch"], seed, dtype)
+        base = None
+    else:
+        model, tok = build_hf_lora(tokens, cfg["hf"], seed, dtype)
+        base = {"name_or_path": cfg["hf"]["name_or_path"], "gguf_file": cfg["hf"].get("gguf_file")}
     meta = {
         "backbone": kind,
         "peft": kind == "hf",
         "base_model": base,
         "item_scid_levels": int(item_scid_levels),
+        "dtype": setting,  # the setting, not its resolution: a later load resolves it on its own device
         "scid_vocab": {k: len(v) for k, v in scid_vocab.items()},
         "stage": "sft",
     }

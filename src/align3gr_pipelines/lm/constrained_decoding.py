@@ -16,6 +16,9 @@ For Llama-family models the beams then share that single cache row: each step ap
 as one block with a 4-D "tree" attention mask (a beam token sees the prompt and its own ancestors only),
 so the prompt's keys/values are never replicated or reordered. Other architectures replicate the cache
 per beam (`attention="expand"`); both paths give the same result (tested).
+
+``autocast`` (`lm.precision.autocast`): ``auto`` runs the forwards under bf16 autocast on a CUDA GPU and
+unchanged (exact fp32 on a CPU) elsewhere; scores are accumulated in fp32 either way.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from align3gr_pipelines.lm.precision import autocast as autocast_context
+from align3gr_pipelines.lm.precision import check_autocast_setting, compute_dtype
 from align3gr_pipelines.lm.scid_catalog import SCIDCatalog  # noqa: F401 (decoding's input type, imported from here too)
 
 # ---- model plumbing ----
@@ -132,7 +137,7 @@ class _TreeStepper(_Stepper):
         self_pos = torch.eye(k, dtype=torch.bool, device=tokens.device).expand(b, k, k)
         self.ancestors = torch.cat([seen, self_pos], dim=-1)
         visible = torch.cat([self.prompt_keys.unsqueeze(1).expand(b, k, -1), self.ancestors], dim=-1)
-        dtype = next(self.model.parameters()).dtype
+        dtype = compute_dtype(tokens.device, next(self.model.parameters()).dtype)
         bias = torch.zeros(visible.shape, dtype=dtype, device=tokens.device).masked_fill_(~visible, torch.finfo(dtype).min)
         pos = (self.next_pos + self.level).expand(b, k)  # siblings share a position: each is the next token
         self.level += 1
@@ -200,6 +205,7 @@ def constrained_beam_search(
     pad_token_id: int | None = None,
     show_progress: bool = False,
     attention: str = "auto",
+    autocast: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``top_k`` catalogue entries per prompt by beam search restricted to the catalogue's SCIDs.
 
@@ -210,10 +216,11 @@ def constrained_beam_search(
     has that many. With beam_width >= n_items the search is exhaustive (exact ranking of every entry).
     ``attention``: "tree" (one KV-cache row per prompt, beams as masked token blocks), "expand" (the
     cache replicated per beam, any causal LM) or "auto" (tree for architectures in
-    TREE_ATTENTION_MODEL_TYPES).
+    TREE_ATTENTION_MODEL_TYPES). ``autocast``: see the module docstring.
     """
     if beam_width < 1 or top_k < 1:
         raise ValueError(f"beam_width and top_k must be >= 1, got {beam_width}, {top_k}")
+    check_autocast_setting(autocast, "constrained_beam_search: autocast")
     prompts = _check_inputs(prompt_ids, batch_size)
     beam_width = max(beam_width, top_k)
     device = _model_device(model)
@@ -227,36 +234,37 @@ def constrained_beam_search(
     model.eval()
     stepper = _TreeStepper(model) if _use_tree(model, attention) else _Stepper(model)
     batches = _batches(prompts, batch_size)
-    for rows in tqdm(batches, desc="constrained beam search", disable=not show_progress):
-        ids, mask = _left_pad([prompts[i] for i in rows], pad, device)
-        b = len(rows)
-        logp = stepper.prefill(ids, mask).unsqueeze(1)  # [b, beams=1, V]
-        nodes = torch.zeros(b, 1, dtype=torch.long, device=device)
-        scores = torch.zeros(b, 1, device=device)
-        for level in range(n_levels):
-            child, token, valid = catalog.children(level, nodes)  # [b, w, C]
-            cand = scores.unsqueeze(-1) + logp.gather(-1, token)
-            cand = cand.masked_fill(~valid, float("-inf")).flatten(1)
-            valid = valid.flatten(1)
-            # Never keep more beams than there are live candidates: dead beams would only cost forwards.
-            k = min(beam_width, int(valid.sum(-1).max()))
-            # Rank valid slots by score, and all of them above invalid slots, even a valid -inf.
-            big = torch.finfo(cand.dtype).max
-            rank_key = torch.where(valid, cand.nan_to_num(nan=-big, neginf=-big), torch.full_like(cand, float("-inf")))
-            pick = torch.topk(rank_key, k, dim=-1).indices
-            keep = valid.gather(-1, pick)
-            scores = cand.gather(-1, pick).masked_fill(~keep, float("-inf"))
-            nodes = child.flatten(1).gather(-1, pick).masked_fill(~keep, -1)
-            if level == n_levels - 1:
-                break
-            parent = pick // child.shape[2]  # the beam each kept candidate extends
-            logp = stepper.advance(parent, token.flatten(1).gather(-1, pick))
-        k = nodes.shape[1]
-        items = torch.where(nodes >= 0, leaf_item[nodes.clamp(min=0)], torch.full_like(nodes, -1))
-        n_out = min(k, top_k)
-        rows_t = torch.as_tensor(rows)
-        out_items[rows_t, :n_out] = items[:, :n_out].cpu()
-        out_scores[rows_t, :n_out] = scores[:, :n_out].float().cpu()
+    with autocast_context(autocast, device):
+        for rows in tqdm(batches, desc="constrained beam search", disable=not show_progress):
+            ids, mask = _left_pad([prompts[i] for i in rows], pad, device)
+            b = len(rows)
+            logp = stepper.prefill(ids, mask).unsqueeze(1)  # [b, beams=1, V]
+            nodes = torch.zeros(b, 1, dtype=torch.long, device=device)
+            scores = torch.zeros(b, 1, device=device)
+            for level in range(n_levels):
+                child, token, valid = catalog.children(level, nodes)  # [b, w, C]
+                cand = scores.unsqueeze(-1) + logp.gather(-1, token)
+                cand = cand.masked_fill(~valid, float("-inf")).flatten(1)
+                valid = valid.flatten(1)
+                # Never keep more beams than there are live candidates: dead beams would only cost forwards.
+                k = min(beam_width, int(valid.sum(-1).max()))
+                # Rank valid slots by score, and all of them above invalid slots, even a valid -inf.
+                big = torch.finfo(cand.dtype).max
+                rank_key = torch.where(valid, cand.nan_to_num(nan=-big, neginf=-big), torch.full_like(cand, float("-inf")))
+                pick = torch.topk(rank_key, k, dim=-1).indices
+                keep = valid.gather(-1, pick)
+                scores = cand.gather(-1, pick).masked_fill(~keep, float("-inf"))
+                nodes = child.flatten(1).gather(-1, pick).masked_fill(~keep, -1)
+                if level == n_levels - 1:
+                    break
+                parent = pick // child.shape[2]  # the beam each kept candidate extends
+                logp = stepper.advance(parent, token.flatten(1).gather(-1, pick))
+            k = nodes.shape[1]
+            items = torch.where(nodes >= 0, leaf_item[nodes.clamp(min=0)], torch.full_like(nodes, -1))
+            n_out = min(k, top_k)
+            rows_t = torch.as_tensor(rows)
+            out_items[rows_t, :n_out] = items[:, :n_out].cpu()
+            out_scores[rows_t, :n_out] = scores[:, :n_out].float().cpu()
     if was_training:
         model.train()
     return out_items, out_scores
@@ -272,12 +280,15 @@ def item_logprobs(
     chunk_size: int = 512,
     pad_token_id: int | None = None,
     show_progress: bool = False,
+    autocast: str = "auto",
 ) -> torch.Tensor:
     """Sequence log-probability (sum over SCID tokens) of candidate entries after each prompt.
 
     ``candidates``: LongTensor[B, C] of catalogue indices (-1 = none → -inf), or None for every entry
-    ([B, n_items]). The prompt is run once; each chunk of candidates reuses its KV cache.
+    ([B, n_items]). The prompt is run once; each chunk of candidates reuses its KV cache. ``autocast``: see
+    the module docstring.
     """
+    check_autocast_setting(autocast, "item_logprobs: autocast")
     prompts = _check_inputs(prompt_ids, batch_size)
     if candidates is None:
         candidates = torch.arange(catalog.n_items).expand(len(prompts), -1)
@@ -297,24 +308,25 @@ def item_logprobs(
     stepper = _Stepper(model)
     catalog = catalog.to(device)
     tok_table = catalog.token_ids
-    for rows in tqdm(_batches(prompts, batch_size), desc="item log-probs", disable=not show_progress):
-        ids, mask = _left_pad([prompts[i] for i in rows], pad, device)
-        b = len(rows)
-        first = stepper.prefill(ids, mask)  # [b, V]
-        base_past, base_mask, base_pos = stepper.past, stepper.mask, stepper.next_pos
-        cand = candidates[torch.as_tensor(rows)].to(device)
-        for s in range(0, n_cand, max(1, chunk_size // b)):
-            c = cand[:, s : s + max(1, chunk_size // b)]  # [b, c]
-            width = c.shape[1]
-            tok = tok_table[c.clamp(min=0)]  # [b, c, L]
-            lp = first.unsqueeze(1).expand(-1, width, -1).gather(-1, tok[:, :, :1]).squeeze(-1)
-            if catalog.n_levels > 1:
-                stepper.past, stepper.mask, stepper.next_pos = copy.deepcopy(base_past), base_mask, base_pos
-                stepper.select(torch.arange(b, device=device).repeat_interleave(width))
-                follow = stepper.step(tok[:, :, :-1].reshape(b * width, -1))  # [b*c, L-1, V]
-                lp = lp + follow.gather(-1, tok[:, :, 1:].reshape(b * width, -1, 1)).squeeze(-1).sum(-1).view(b, width)
-            lp = lp.masked_fill(c < 0, float("-inf"))
-            out[torch.as_tensor(rows).unsqueeze(1), torch.arange(s, s + width).unsqueeze(0)] = lp.float().cpu()
+    with autocast_context(autocast, device):
+        for rows in tqdm(_batches(prompts, batch_size), desc="item log-probs", disable=not show_progress):
+            ids, mask = _left_pad([prompts[i] for i in rows], pad, device)
+            b = len(rows)
+            first = stepper.prefill(ids, mask)  # [b, V]
+            base_past, base_mask, base_pos = stepper.past, stepper.mask, stepper.next_pos
+            cand = candidates[torch.as_tensor(rows)].to(device)
+            for s in range(0, n_cand, max(1, chunk_size // b)):
+                c = cand[:, s : s + max(1, chunk_size // b)]  # [b, c]
+                width = c.shape[1]
+                tok = tok_table[c.clamp(min=0)]  # [b, c, L]
+                lp = first.unsqueeze(1).expand(-1, width, -1).gather(-1, tok[:, :, :1]).squeeze(-1)
+                if catalog.n_levels > 1:
+                    stepper.past, stepper.mask, stepper.next_pos = copy.deepcopy(base_past), base_mask, base_pos
+                    stepper.select(torch.arange(b, device=device).repeat_interleave(width))
+                    follow = stepper.step(tok[:, :, :-1].reshape(b * width, -1))  # [b*c, L-1, V]
+                    lp = lp + follow.gather(-1, tok[:, :, 1:].reshape(b * width, -1, 1)).squeeze(-1).sum(-1).view(b, width)
+                lp = lp.masked_fill(c < 0, float("-inf"))
+                out[torch.as_tensor(rows).unsqueeze(1), torch.arange(s, s + width).unsqueeze(0)] = lp.float().cpu()
     if was_training:
         model.train()
     return out

@@ -9,6 +9,8 @@ On disk: ``model/`` (full weights, or for PEFT only the adapter: LoRA matrices p
 PEFT's "trainable tokens"), ``tokenizer/`` and ``rec_lm.json`` (meta). A PEFT bundle is rebuilt from its
 base model (``meta["base_model"]``: ``name_or_path`` and optional ``gguf_file``), resized to the
 tokenizer, with the adapter applied on top; the base's own rows never change, so nothing else is stored.
+The weights load in the dtype setting recorded at SFT (``meta["dtype"]``, `lm.precision`: ``auto`` = bf16 for a
+PEFT base on CUDA, else fp32) unless the caller names another.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from align3gr_pipelines.devices import pick_device
+from align3gr_pipelines.lm.precision import LOAD_DTYPE_SETTINGS, check_dtype_setting, resolve_dtype
 
 META_FILE = "rec_lm.json"
 PACKAGE_PREFIX = "package:"
@@ -124,25 +127,37 @@ class RecLM:
         (out / META_FILE).write_text(json.dumps(self.meta, indent=2, default=str))
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | None = "auto", trainable: bool = False) -> "RecLM":
+    def from_pretrained(
+        cls, path: str, device: str | None = "auto", trainable: bool = False, dtype: str | torch.dtype = "checkpoint"
+    ) -> "RecLM":
         """Load a bundle in eval mode. A full model's parameters keep requires_grad; a PEFT adapter is frozen
-        unless `trainable=True` (what a DPO policy needs; its reference can stay frozen)."""
+        unless `trainable=True` (what a DPO policy needs; its reference can stay frozen). ``dtype``: the weights'
+        dtype setting (`lm.precision`); ``checkpoint`` = the one recorded in the bundle (``auto`` when it has
+        none), ``auto`` judged on `device`. A PEFT adapter stays fp32 whatever its base's dtype."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         src = Path(path)
+        where = f"RecLM.from_pretrained({src}): dtype"
+        if not isinstance(dtype, torch.dtype) and dtype not in LOAD_DTYPE_SETTINGS:
+            raise ValueError(f"{where} must be one of {list(LOAD_DTYPE_SETTINGS)}, got {dtype!r}")
         if not (src / META_FILE).is_file():
             raise FileNotFoundError(f"RecLM.from_pretrained: {src} has no {META_FILE}; not a RecLM checkpoint")
         meta = json.loads((src / META_FILE).read_text())
+        if isinstance(dtype, str) and dtype == "checkpoint":
+            dtype = check_dtype_setting(meta.get("dtype", "auto"), f"{src / META_FILE}: 'dtype'")
         tokenizer = AutoTokenizer.from_pretrained(str(src / "tokenizer"))
+        target = pick_device(device)
         if meta.get("peft"):
             from peft import PeftModel
 
-            base_model = load_base_model(meta["base_model"])
+            base_model = load_base_model(meta["base_model"], resolve_dtype(dtype, target, frozen_base=True, where=where))
             # New rows get whatever init; the adapter's trainable-token rows replace them at forward time.
             base_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             model = PeftModel.from_pretrained(base_model, str(src / "model"), is_trainable=trainable)
         else:
-            model = AutoModelForCausalLM.from_pretrained(str(src / "model"), dtype=torch.float32)
-        model.to(pick_device(device))
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src / "model"), dtype=resolve_dtype(dtype, target, frozen_base=False, where=where)
+            )
+        model.to(target)
         model.eval()
         return cls(model=model, tokenizer=tokenizer, meta=meta)

@@ -8,6 +8,7 @@ or `tca4rec.TCA4Rec.loss` on rows that carry TCA4Rec fields. The same loop runs 
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from align3gr_pipelines.sft.tca4rec import TCA4Rec
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-TCA4REC_FIELDS = ("tca_row", "tca_start", "tca_dist")
+TCA4REC_FIELDS = ("tca_row", "tca_start", "tca_dist", "tca_hist_rows", "tca_hist_starts")
 
 # ---------------------------------------------------------------------------------------------- data
 
@@ -112,6 +113,13 @@ def _tca4rec_batch(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             if "tca_dist" in b:
                 dist[k] = b["tca_dist"]
         fields["tca_dist"] = dist
+    if "tca_hist_rows" in batch[0]:  # positions: all_labelled — the prompts' labelled history SCIDs, -1 padded
+        width = max(1, max(len(b["tca_hist_rows"]) for b in batch))
+        for key in ("tca_hist_rows", "tca_hist_starts"):
+            padded = torch.full((len(batch), width), -1, dtype=torch.long)
+            for k, b in enumerate(batch):
+                padded[k, : len(b[key])] = torch.tensor(b[key], dtype=torch.long)
+            fields[key] = padded
     return fields
 
 
@@ -271,12 +279,14 @@ def train_causal_lm(
     callbacks: list[Any] | None = None,
     compute_loss_func: Any = None,
     tca4rec: TCA4Rec | None = None,
+    cf_model: Any = None,
 ) -> tuple[Any, TrainResult]:
     """Train with the HF Trainer, resuming from the last checkpoint in `output_dir` if there is one.
 
     Works the same in a single process and inside a torchrun worker (the Trainer wraps the model in DDP).
     Returns the trainer (its model is the best checkpoint's when eval ran) and a summary. With `tca4rec`,
-    training rows carrying ``tca_*`` fields (see `trainer.attach_tca4rec_targets`) are trained with its loss.
+    training rows carrying ``tca_*`` fields (see `trainer.attach_tca4rec_targets`) are trained with its loss;
+    `cf_model` (the frozen SASRec) labels the history positions of ``tca4rec.positions: all_labelled`` on the fly.
     """
     from transformers import EarlyStoppingCallback, Trainer
 
@@ -295,7 +305,7 @@ def train_causal_lm(
     if tca4rec is not None and compute_loss_func is not None:
         raise ValueError("sft_train: give either compute_loss_func or tca4rec, not both")
     trainer_class = Trainer if tca4rec is None else _tca4rec_trainer_class()
-    extra = {} if tca4rec is None else {"tca4rec": tca4rec}
+    extra = {} if tca4rec is None else {"tca4rec": tca4rec, "cf_model": cf_model}
     trainer = trainer_class(
         **extra,
         model=model,
@@ -327,6 +337,8 @@ def train_causal_lm(
         early_stopped=int(state.global_step) < int(state.max_steps),
         best_eval_loss=float(min(evals)) if evals else None,
     )
+    if tca4rec is not None:
+        result.extra["tca4rec_coverage"] = trainer.tca4rec_coverage()
     return trainer, result
 
 
@@ -336,9 +348,23 @@ def _tca4rec_trainer_class() -> type:
     class TCA4RecTrainer(Trainer):
         """Trains with `TCA4Rec.loss` on batches carrying ``tca_*`` fields; evaluation stays plain CE."""
 
-        def __init__(self, *args: Any, tca4rec: TCA4Rec, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, tca4rec: TCA4Rec, cf_model: Any = None, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.tca4rec = tca4rec
+            self.tca4rec = tca4rec.to(self.args.device)
+            self.cf_model = None
+            if cf_model is not None and tca4rec.positions == "all_labelled":  # a frozen copy beside the LM
+                self.cf_model = copy.deepcopy(cf_model).to(self.args.device).eval().requires_grad_(False)
+            # TCA4Rec items seen in this session's training micro-batches (this process's, under torchrun)
+            self.counts = {"micro_batches": 0, "response": 0, "history": 0, "history_first_ce": 0}
+
+        def tca4rec_coverage(self) -> dict[str, Any]:
+            """Which positions TCA4Rec covered and how many SCIDs per micro-batch, for the stage's metrics."""
+            n = max(1, self.counts["micro_batches"])
+            covered = ["seq_response"] + (["labelled_history_t>=1"] if self.tca4rec.positions == "all_labelled" else [])
+            return {"positions": self.tca4rec.positions, "covered": covered, **self.counts,
+                    "mean_response_scids_per_micro_batch": self.counts["response"] / n,
+                    "mean_history_scids_per_micro_batch": self.counts["history"] / n,
+                    "mean_scids_per_micro_batch": (self.counts["response"] + self.counts["history"]) / n}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             fields = {k: inputs.pop(k) for k in TCA4REC_FIELDS if k in inputs}
@@ -349,8 +375,15 @@ def _tca4rec_trainer_class() -> type:
             # Same normalisation as the model's own loss: over the accumulated batch's labelled tokens when
             # the Trainer counts them for the model, else a per-batch mean the Trainer divides by GA steps.
             n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            history = fields.get("tca_hist_rows")
             loss = self.tca4rec.loss(outputs.logits, labels, fields["tca_row"], fields["tca_start"],
-                                     num_items_in_batch=n_items, dist=fields.get("tca_dist"))
+                                     num_items_in_batch=n_items, dist=fields.get("tca_dist"), history_rows=history,
+                                     history_starts=fields.get("tca_hist_starts"), cf_model=self.cf_model)
+            self.counts["micro_batches"] += 1
+            self.counts["response"] += int((fields["tca_row"] >= 0).sum())
+            if history is not None:
+                self.counts["history"] += int((history[:, 1:] >= 0).sum())
+                self.counts["history_first_ce"] += int((history[:, 0] >= 0).sum())
             return (loss, outputs) if return_outputs else loss
 
     return TCA4RecTrainer

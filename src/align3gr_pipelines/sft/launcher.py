@@ -1,7 +1,9 @@
 """Distributed data parallel SFT: the caller's process writes the tokenised data and the initial model to
 ``<output_dir>/job``, launches ``torchrun --standalone --nproc_per_node=N -m align3gr_pipelines.sft.launcher
 <job>`` (NCCL on GPUs, gloo on CPU), waits, and loads the model rank 0 wrote. Only the caller (a single Kedro
-process) ever writes catalog outputs."""
+process) ever writes catalog outputs. The TCA4Rec objective travels too: its tables and settings in
+``data.pt`` (the per-example response labels are in the rows), and the frozen SASRec that labels the history
+positions of ``positions: all_labelled`` as a SASRec checkpoint in ``<job>/cf_model``."""
 from __future__ import annotations
 
 import json
@@ -18,18 +20,29 @@ import torch
 
 from align3gr_pipelines.lm.rec_lm import RecLM
 from align3gr_pipelines.sft.hf_trainer import TrainResult, train_causal_lm
+from align3gr_pipelines.sft.tca4rec import TCA4Rec
 
 log = logging.getLogger(__name__)
 
 def fit_distributed(
-    rec: RecLM, train_rows: list, eval_rows: list, tcfg: dict[str, Any], seed: int, output_dir: Path, nproc: int
+    rec: RecLM, train_rows: list, eval_rows: list, tcfg: dict[str, Any], seed: int, output_dir: Path, nproc: int,
+    tca4rec: TCA4Rec | None = None, cf_model: Any = None,
 ) -> tuple[RecLM, TrainResult]:
+    from align3gr_pipelines.cf.sasrec import SASRec
+
+    if cf_model is not None and not isinstance(cf_model, SASRec):
+        raise TypeError(f"sft_train: torchrun workers reload the CF model as a SASRec checkpoint, got {type(cf_model).__name__}")
     job = output_dir / "job"
     shutil.rmtree(job, ignore_errors=True)
     job.mkdir(parents=True)
-    torch.save({"train": train_rows, "eval": eval_rows}, job / "data.pt")
+    torch.save({"train": train_rows, "eval": eval_rows, "tca4rec": None if tca4rec is None else tca4rec.state()},
+               job / "data.pt")
+    if cf_model is not None:
+        cf_model.save_pretrained(job / "cf_model")
     (job / "config.json").write_text(json.dumps({"trainer": tcfg, "seed": seed, "init": str(output_dir / "init"),
-                                                 "output_dir": str(output_dir)}, default=str))
+                                                 "output_dir": str(output_dir),
+                                                 "cf_model": None if cf_model is None else str(job / "cf_model")},
+                                                default=str))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "align3gr_pipelines.sft.launcher", str(job)]
     timeout = tcfg.get("launch_timeout_s")
@@ -84,8 +97,14 @@ def _worker(job_dir: str) -> None:
     data = torch.load(job / "data.pt")
     rec = RecLM.from_pretrained(spec["init"], device="cpu", trainable=True)
     rec.model.train()
+    tca4rec = None if data.get("tca4rec") is None else TCA4Rec.from_state(data["tca4rec"])
+    cf_model = None
+    if spec.get("cf_model"):
+        from align3gr_pipelines.cf.sasrec import SASRec
+
+        cf_model = SASRec.from_pretrained(spec["cf_model"])
     trainer, result = train_causal_lm(rec.model, rec.tokenizer, data["train"], data["eval"], spec["trainer"],
-                                      spec["output_dir"], int(spec["seed"]))
+                                      spec["output_dir"], int(spec["seed"]), tca4rec=tca4rec, cf_model=cf_model)
     if trainer.is_world_process_zero():
         rec.model = trainer.model
         rec.save_pretrained(str(job / "final"))

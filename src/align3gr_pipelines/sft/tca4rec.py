@@ -24,6 +24,14 @@ under the prefix (the codes that at least one catalogue item with prefix y_<j ha
 smoothing confined to the catalogue's trie, which tells how much of the gain is the CF signal rather than
 mere smoothing. (Uniform over *items* instead is `collaborative_distribution` with constant logits.)
 
+Positions (``positions``): ``response`` (the paper's, and the default) applies the soft label to the SEQ
+response's SCID only. ``all_labelled`` (beyond the paper) also applies it where the SFT trainer's
+``history_loss`` labels the item SCIDs inside a prompt: history item t >= 1 gets p_u computed from the frozen
+SASRec's causal output over items 0..t-1 of the same history (one forward per batch gives every prefix,
+`causal_prefix_logits`; nothing is precomputed per position, so memory does not grow with the data) — or the
+uniform label under ``label="uniform"``, at exactly the same positions. History item 0 has no prefix and keeps
+plain CE. The response keeps its label from the whole history, as under ``response``.
+
 Conventions: the item code table ``codes`` [n_items, L] is in ``item_scids`` row order; CF logits arrive in
 the CF model's item order and are reindexed with :func:`cf_index_map`; ``level_token_ids`` [L, V] maps
 (level, code) to the tokenizer id, -1 for codes a level does not have; V is the largest codebook size.
@@ -42,6 +50,10 @@ from align3gr_pipelines.tokenizer.scid import scid_token, split_tokens
 IGNORE_INDEX = -100
 Variant = Literal["soft_ntp", "aux_kl"]
 LabelKind = Literal["cf", "uniform"]
+Positions = Literal["response", "all_labelled"]
+POSITIONS = ("response", "all_labelled")
+# Items per chunk x catalogue size: bounds the [chunk, L, n_items] prefix masks of the history labels.
+_HISTORY_CHUNK_CELLS = 4_000_000
 
 
 # --------------------------------------------------------------------------- collaborative tokenizer
@@ -210,9 +222,46 @@ def tca4rec_causal_lm_loss(
     if not torch.equal(has_target.all(dim=1), has_target.any(dim=1)):
         raise ValueError("scid_positions: a row must be all -1 (plain CE) or all valid positions")
     rows = has_target.all(dim=1).nonzero().squeeze(1)
-    pos, codes = scid_positions[rows], target_codes[rows]  # [R, L]
-    level_ids = level_token_ids.to(logits.device).unsqueeze(0).expand(rows.numel(), -1, -1)  # [R, L, V]
-    if rows.numel():
+    return tca4rec_items_loss(
+        logits, labels, rows, scid_positions[rows], target_codes[rows], dist[rows], level_token_ids, alpha, variant,
+        num_items_in_batch,
+    )
+
+
+def tca4rec_items_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    example_of: torch.Tensor,
+    positions: torch.Tensor,
+    target_codes: torch.Tensor,
+    dist: torch.Tensor,
+    level_token_ids: torch.Tensor,
+    alpha: float,
+    variant: Variant = "soft_ntp",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`tca4rec_causal_lm_loss` for any number of item SCIDs per example (the response's and the history's).
+
+    Item k of the batch is example ``example_of[k]``'s SCID whose level-j token sits at ``positions[k, j]`` of
+    ``labels``, with codes ``target_codes[k]`` and label distribution ``dist[k]`` [L, V]; every other labelled
+    token keeps plain CE. No two items may share a token.
+    """
+    _check_alpha(alpha)
+    if variant not in ("soft_ntp", "aux_kl"):
+        raise ValueError(f"tca4rec variant must be 'soft_ntp' or 'aux_kl', got {variant!r}")
+    b, t, vocab = logits.shape
+    levels, size = level_token_ids.shape
+    n = example_of.shape[0]
+    if labels.shape != (b, t):
+        raise ValueError(f"labels must be [B, T] like the logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    if positions.shape != (n, levels) or target_codes.shape != (n, levels) or dist.shape != (n, levels, size):
+        raise ValueError(
+            f"shape mismatch: example_of {tuple(example_of.shape)}, positions {tuple(positions.shape)}, target_codes "
+            f"{tuple(target_codes.shape)}, dist {tuple(dist.shape)}; expected [P], [P, L={levels}], [P, L], [P, L, V={size}]"
+        )
+    rows, pos, codes = example_of, positions, target_codes
+    level_ids = level_token_ids.to(logits.device).unsqueeze(0).expand(n, -1, -1)  # [P, L, V]
+    if n:
         if int(pos.min()) < 1 or int(pos.max()) >= t:
             raise ValueError(f"scid_positions must lie in [1, {t}) (position 0 has no preceding logit)")
         want = level_ids.gather(2, codes.unsqueeze(-1)).squeeze(-1)
@@ -223,6 +272,9 @@ def tca4rec_causal_lm_loss(
                 f"example {int(rows[r])}: labels[{int(pos[r, j])}] = {int(got[r, j])} but its level-{j} SCID "
                 f"token (code {int(codes[r, j])}) is id {int(want[r, j])}; scid_positions are misaligned"
             )
+        flat = (rows.unsqueeze(1) * t + pos).reshape(-1)
+        if flat.unique().numel() != flat.numel():
+            raise ValueError("tca4rec: two SCID targets claim the same token position")
 
     # Each labelled token gets V candidate ids with log-weights: its label alone at log 1 (plain CE) or, at
     # SCID positions, the level's tokens with the log soft label. One log-softmax and one gather then serve
@@ -232,19 +284,19 @@ def tca4rec_causal_lm_loss(
     labelled = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [M]
     slot = torch.full_like(targets, -1)
     slot[labelled] = torch.arange(labelled.numel(), device=targets.device)
-    at = slot[(rows.unsqueeze(1) * t + pos - 1).reshape(-1)]  # [R·L] rows of the SCID tokens among the labelled
+    at = slot[(rows.unsqueeze(1) * t + pos - 1).reshape(-1)]  # [P·L] rows of the SCID tokens among the labelled
     candidates = torch.full((labelled.numel(), size), -1, dtype=torch.long, device=logits.device)
     candidates[:, 0] = targets[labelled]
     candidates[at] = level_ids.reshape(-1, size)
     log_weights = torch.full((labelled.numel(), size), float("-inf"), device=logits.device)
     log_weights[:, 0] = 0.0
     scid_alpha = alpha if variant == "soft_ntp" else 0.0  # aux_kl keeps one-hot CE and adds the KL below
-    log_weights[at] = soft_labels(codes, dist[rows].float(), scid_alpha).reshape(-1, size).log()
+    log_weights[at] = soft_labels(codes, dist.float(), scid_alpha).reshape(-1, size).log()
 
     log_p = _level_log_probs(logits.reshape(b * t, vocab).index_select(0, labelled), candidates)
     total = -torch.logsumexp(log_weights + log_p, dim=-1).sum()
-    if variant == "aux_kl" and alpha > 0 and rows.numel():
-        total = total + alpha * _kl_to_level(log_p[at], dist[rows].reshape(-1, size)).sum()
+    if variant == "aux_kl" and alpha > 0 and n:
+        total = total + alpha * _kl_to_level(log_p[at], dist.reshape(-1, size)).sum()
     denom = labelled.numel() if num_items_in_batch is None else num_items_in_batch
     if torch.is_tensor(denom):
         denom = denom.to(total.device)
@@ -296,6 +348,98 @@ def history_from_prompt(prompt: str, item_by_tokens: Mapping[str, str], levels: 
     return [item_by_tokens[s] for s in scids if s in item_by_tokens]
 
 
+# --------------------------------------------------------------------------- history positions (positions: all_labelled)
+
+
+def labelled_history_items(
+    input_ids: Sequence[int],
+    labels: Sequence[int],
+    end: int,
+    token_codes: Mapping[int, tuple[int, int]],
+    row_by_codes: Mapping[tuple[int, ...], int],
+) -> tuple[list[int], list[int]]:
+    """The labelled item SCIDs in ``input_ids[:end]`` (a prompt), oldest first: each one's code-table row and
+    the index of its level-0 token. ``token_codes`` maps an item SCID token id to (level, code), ``row_by_codes``
+    a full code tuple to its row. Unlabelled tokens are skipped; a labelled SCID that is cut short, out of
+    level order or not an item of the table raises (the labels would then train something else)."""
+    levels = len(next(iter(row_by_codes))) if row_by_codes else 0
+    rows: list[int] = []
+    starts: list[int] = []
+    k = 0
+    while k < end:
+        if labels[k] == IGNORE_INDEX or int(input_ids[k]) not in token_codes:
+            k += 1
+            continue
+        found = [token_codes.get(int(input_ids[k + j]), (-1, -1)) if k + j < end and labels[k + j] != IGNORE_INDEX
+                 else (-1, -1) for j in range(levels)]
+        if [level for level, _ in found] != list(range(levels)):
+            raise ValueError(
+                f"labelled prompt tokens {list(input_ids[k : k + levels])} at index {k} are not one whole item SCID "
+                f"(levels {[level for level, _ in found]}, expected {list(range(levels))})"
+            )
+        codes = tuple(code for _, code in found)
+        if codes not in row_by_codes:
+            raise ValueError(f"labelled prompt SCID with codes {list(codes)} at index {k} is not an item of item_scids")
+        rows.append(row_by_codes[codes])
+        starts.append(k)
+        k += levels
+    return rows, starts
+
+
+@torch.no_grad()
+def causal_prefix_logits(cf_model: Any, histories: Sequence[Sequence[int]]) -> torch.Tensor:
+    """SASRec's next-item logits after every proper prefix of every history, from one causal forward.
+
+    ``histories`` hold CF item indices (SASRec's: item ``item_ids[j]`` is ``j + 1``; 0 = an item it does not
+    know, dropped as `SASRec.score` drops it). Returns [sum_b max(len_b - 1, 0), n_cf], rows in the order
+    (history b, t = 1..len_b - 1): the logits after items 0..t-1, i.e. the CF label of item t. The forward's
+    output at each position sees only the items before it (causal mask), so one pass gives every prefix.
+    Known items beyond ``max_len`` are cut, from the end, into windows of ``max_len`` as SASRec's training
+    windows are (the last window is what `SASRec.score` sees); a prefix with no known item gets zero logits,
+    `SASRec.score`'s answer for an empty history. Positions keep SASRec's convention (right-aligned).
+    """
+    max_len = int(cf_model.max_len)
+    table = cf_model.item_embeddings()
+    windows: list[list[int]] = []
+    slot_of: list[list[tuple[int, int]]] = []  # per history: (window, offset) of each known item
+    for history in histories:
+        known = [int(i) for i in history if int(i) > 0]
+        slots: list[tuple[int, int]] = [(0, 0)] * len(known)
+        end = len(known)
+        while end > 0:
+            start = max(0, end - max_len)
+            slots[start:end] = [(len(windows), k - start) for k in range(start, end)]
+            windows.append(known[start:end])
+            end = start
+        slot_of.append(slots)
+    width = max((len(w) for w in windows), default=1)
+    picks: list[int] = []  # flat index into the forward's [W·width] outputs, -1 = no known item yet
+    for history, slots in zip(histories, slot_of):
+        last = -1
+        for t in range(1, len(history)):
+            last += int(int(history[t - 1]) > 0)
+            if last < 0:
+                picks.append(-1)
+            else:
+                w, offset = slots[last]
+                picks.append(w * width + width - len(windows[w]) + offset)  # windows are left-padded
+    if not picks:
+        return table.new_zeros((0, table.shape[0])).float()
+    device = table.device
+    was_training = cf_model.training
+    cf_model.eval()
+    try:
+        seq = torch.zeros((max(1, len(windows)), width), dtype=torch.long)
+        for w, items in enumerate(windows):
+            seq[w, width - len(items) :] = torch.tensor(items, dtype=torch.long)
+        hidden = cf_model(seq.to(device)).reshape(-1, table.shape[1])
+    finally:
+        cf_model.train(was_training)
+    pick = torch.tensor(picks, dtype=torch.long, device=device)
+    users = hidden.index_select(0, pick.clamp(min=0)).masked_fill((pick < 0).unsqueeze(1), 0.0)
+    return (users @ table.T).float()
+
+
 @dataclass(frozen=True)
 class TCA4Rec:
     """Everything the SFT trainer needs: the item code table, level token ids, CF index map and settings."""
@@ -307,6 +451,7 @@ class TCA4Rec:
     variant: Variant = "soft_ntp"
     label: LabelKind = "cf"
     temperature: float = 1.0
+    positions: Positions = "response"
 
     def __post_init__(self) -> None:
         _check_alpha(self.alpha)
@@ -314,6 +459,8 @@ class TCA4Rec:
             raise ValueError(f"tca4rec.variant must be 'soft_ntp' or 'aux_kl', got {self.variant!r}")
         if self.label not in ("cf", "uniform"):
             raise ValueError(f"tca4rec.label must be 'cf' or 'uniform', got {self.label!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"tca4rec.positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.level_token_ids.shape[0] != self.codes.shape[1]:
             raise ValueError(
                 f"level_token_ids has {self.level_token_ids.shape[0]} levels, the code table {self.codes.shape[1]}"
@@ -326,7 +473,7 @@ class TCA4Rec:
         cls, item_scids: Any, tokenizer: Any, cf_item_ids: Sequence[str] | None = None, **settings: Any
     ) -> "TCA4Rec":
         """Build from the `item_scids` table (id, codes), the RecLM tokenizer and `SASRec.item_ids`;
-        ``settings`` are alpha, variant, label, temperature (e.g. ``**params["tca4rec"]``)."""
+        ``settings`` are alpha, variant, label, temperature, positions (e.g. ``**params["tca4rec"]``)."""
         for column in ("id", "codes"):
             if column not in item_scids.columns:
                 raise ValueError(f"item_scids: missing column {column!r} (expected id, codes, tokens)")
@@ -342,6 +489,70 @@ class TCA4Rec:
         return replace(
             self, codes=self.codes.to(device), level_token_ids=self.level_token_ids.to(device), cf_index=cf_index
         )
+
+    def state(self) -> dict[str, Any]:
+        """Tensors and settings only (what `torch.load(weights_only=True)` reads back), for torchrun workers."""
+        return {"codes": self.codes.cpu(), "level_token_ids": self.level_token_ids.cpu(),
+                "cf_index": None if self.cf_index is None else self.cf_index.cpu(), "alpha": float(self.alpha),
+                "variant": self.variant, "label": self.label, "temperature": float(self.temperature),
+                "positions": self.positions}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "TCA4Rec":
+        return cls(**state)
+
+    def token_codes(self) -> dict[int, tuple[int, int]]:
+        """Item SCID token id -> (level, code)."""
+        table = self.level_token_ids.cpu()
+        return {int(table[j, v]): (j, v) for j in range(table.shape[0]) for v in range(table.shape[1]) if table[j, v] >= 0}
+
+    def cf_history(self, rows: Sequence[int]) -> list[int]:
+        """Code-table rows -> the CF model's item indices (`SASRec.item_index`: column + 1; 0 = unknown to it)."""
+        if self.cf_index is None:
+            return [int(r) + 1 for r in rows]
+        index = self.cf_index.cpu()
+        return [int(index[int(r)]) + 1 for r in rows]
+
+    def history_targets(
+        self, history_rows: torch.Tensor, history_starts: torch.Tensor, cf_model: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The TCA4Rec items of the labelled history SCIDs in a batch's prompts (``positions: all_labelled``).
+
+        ``history_rows`` [B, H]: code-table rows of each prompt's labelled item SCIDs, oldest first, -1 padding
+        after them; ``history_starts`` [B, H]: index of each one's level-0 token. History item t >= 1 gets the
+        label of its prefix (items 0..t-1): SASRec's causal output there (`causal_prefix_logits`, computed here
+        for the batch, never stored), or the uniform ablation. Item 0 has no prefix and keeps plain CE.
+        Returns (example_of [P], positions [P, L], target_codes [P, L], dist [P, L, V]) for
+        `tca4rec_items_loss`."""
+        device = self.codes.device
+        history_rows, history_starts = history_rows.to(device), history_starts.to(device)
+        if history_rows.shape != history_starts.shape or history_rows.dim() != 2:
+            raise ValueError(f"history_rows {tuple(history_rows.shape)} and history_starts "
+                             f"{tuple(history_starts.shape)} must both be [B, H]")
+        present = history_rows >= 0
+        if present.shape[1] > 1 and (present[:, 1:] & ~present[:, :-1]).any():
+            raise ValueError("history_rows: the -1 padding must follow a prompt's items, not sit between them")
+        present[:, :1] = False  # the first history item has no prefix: plain CE
+        where = present.nonzero()  # [P, 2], row-major: history b, then t, as causal_prefix_logits orders them
+        example_of, t = where[:, 0], where[:, 1]
+        levels, size = self.codes.shape[1], self.level_token_ids.shape[1]
+        target_rows = history_rows[example_of, t]
+        positions = history_starts[example_of, t].unsqueeze(1) + torch.arange(levels, device=device)
+        target_codes = self.codes[target_rows]
+        cf_logits = None
+        if self.label == "cf" and target_rows.numel():
+            if cf_model is None:
+                raise ValueError("tca4rec.positions=all_labelled with label='cf' needs the CF model (sasrec_model)")
+            lengths = (history_rows >= 0).sum(dim=1).tolist()
+            histories = [self.cf_history(history_rows[b, : lengths[b]].tolist()) for b in range(len(lengths))]
+            cf_logits = causal_prefix_logits(cf_model, histories).to(device)
+        chunk = max(1, _HISTORY_CHUNK_CELLS // max(1, self.codes.shape[0] * levels))
+        dists = [
+            self.target_distribution(target_rows[k : k + chunk], None if cf_logits is None else cf_logits[k : k + chunk])
+            for k in range(0, target_rows.numel(), chunk)
+        ]
+        dist = torch.cat(dists) if dists else torch.zeros((0, levels, size), device=device)
+        return example_of, positions, target_codes, dist
 
     def target_distribution(self, target_rows: torch.Tensor, cf_logits: torch.Tensor | None) -> torch.Tensor:
         """p_u (label='cf') or the uniform ablation for the given code-table rows: [R, L, V]."""
@@ -363,15 +574,25 @@ class TCA4Rec:
         cf_logits: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         dist: torch.Tensor | None = None,
+        history_rows: torch.Tensor | None = None,
+        history_starts: torch.Tensor | None = None,
+        cf_model: Any = None,
     ) -> torch.Tensor:
         """The batch loss. ``target_rows`` [B]: code-table row of the example's target item, -1 for examples
         that keep plain CE; ``scid_start`` [B]: index in ``labels`` of the first SCID response token (the L
         SCID tokens follow contiguously); ``cf_logits`` [B, n_cf]: CF item logits of each example's history
         (rows of plain-CE examples are ignored). ``dist`` [B, L, V], when given, is ``target_distribution``
-        computed beforehand (once per example, as the SFT trainer does) and replaces ``cf_logits``."""
+        computed beforehand (once per example, as the SFT trainer does) and replaces ``cf_logits``.
+        ``history_rows`` / ``history_starts`` [B, H] (``positions: all_labelled`` only; see `history_targets`)
+        add the labelled history SCIDs of the prompts, their labels from ``cf_model`` (the frozen SASRec)."""
         device = logits.device
         if self.codes.device != device:
-            return self.to(device).loss(logits, labels, target_rows, scid_start, cf_logits, num_items_in_batch, dist)
+            return self.to(device).loss(logits, labels, target_rows, scid_start, cf_logits, num_items_in_batch, dist,
+                                        history_rows, history_starts, cf_model)
+        if (history_rows is None) != (history_starts is None):
+            raise ValueError("tca4rec: give history_rows and history_starts together")
+        if history_rows is not None and self.positions != "all_labelled":
+            raise ValueError(f"tca4rec: history positions given but tca4rec.positions={self.positions!r}")
         target_rows, scid_start = target_rows.to(device), scid_start.to(device)
         active = (target_rows >= 0).nonzero().squeeze(1)
         levels, size = self.codes.shape[1], self.level_token_ids.shape[1]
@@ -390,7 +611,14 @@ class TCA4Rec:
             else:
                 cf = None if cf_logits is None else cf_logits.to(device)[active]
                 labels_dist[active] = self.target_distribution(target_rows[active], cf)
-        return tca4rec_causal_lm_loss(
-            logits, labels, positions, target_codes, labels_dist, self.level_token_ids, self.alpha, self.variant,
-            num_items_in_batch,
+        if history_rows is None:
+            return tca4rec_causal_lm_loss(
+                logits, labels, positions, target_codes, labels_dist, self.level_token_ids, self.alpha, self.variant,
+                num_items_in_batch,
+            )
+        h_example, h_positions, h_codes, h_dist = self.history_targets(history_rows, history_starts, cf_model)
+        return tca4rec_items_loss(
+            logits, labels, torch.cat([active, h_example]), torch.cat([positions[active], h_positions]),
+            torch.cat([target_codes[active], h_codes]), torch.cat([labels_dist[active], h_dist.float()]),
+            self.level_token_ids, self.alpha, self.variant, num_items_in_batch,
         )

@@ -34,7 +34,7 @@ from align3gr_pipelines.sft.hf_trainer import (
     valid_recall_callback,
 )
 from align3gr_pipelines.sft.launcher import fit_distributed
-from align3gr_pipelines.sft.tca4rec import TCA4Rec, history_from_prompt
+from align3gr_pipelines.sft.tca4rec import TCA4Rec, history_from_prompt, labelled_history_items
 from align3gr_pipelines.tokenizer.scid import split_tokens
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ RESUME_NEUTRAL = ("output_dir", "progress_bar", "keep_checkpoints", "torch_threa
 # ----------------------------------------------------------------------------- TCA4Rec objective
 
 OBJECTIVES = ("ce", "tca4rec")
-TCA4REC_SETTINGS = ("alpha", "variant", "label", "temperature")
+TCA4REC_SETTINGS = ("alpha", "variant", "label", "temperature", "positions")
 TCA4REC_TASK = "seq"  # the only task whose response is the next item of a history
 
 
@@ -106,6 +106,28 @@ def attach_tca4rec_targets(
         for r, d in zip(chunk, dist):
             r["tca_dist"] = d.clone()
     return len(seq)
+
+
+def attach_tca4rec_history(rows: list[dict[str, Any]], tca4rec: TCA4Rec) -> dict[str, int]:
+    """``positions: all_labelled``: give every training row (encoded ``with_index``) ``tca_hist_rows`` and
+    ``tca_hist_starts``, the code-table rows of its prompt's labelled item SCIDs (oldest first; what
+    ``trainer.history_loss`` labels) and the index of each one's level-0 token. Only these indices are stored:
+    the labels themselves are computed per batch (`TCA4Rec.history_targets`). Returns counts for the metrics."""
+    token_codes = tca4rec.token_codes()
+    row_by_codes = {tuple(codes): k for k, codes in enumerate(tca4rec.codes.tolist())}
+    counts = {"n_rows_with_history": 0, "n_history_scids": 0, "n_history_first_ce": 0}
+    for r in rows:
+        try:
+            hist, starts = labelled_history_items(r["input_ids"], r["labels"], int(r["response_start"]), token_codes,
+                                                  row_by_codes)
+        except ValueError as err:
+            raise ValueError(f"sft_examples training example {r['example']}: {err}") from None
+        r.update(tca_hist_rows=hist, tca_hist_starts=starts)
+        if hist:
+            counts["n_rows_with_history"] += 1
+            counts["n_history_scids"] += len(hist) - 1
+            counts["n_history_first_ce"] += 1
+    return counts
 
 
 def cf_model_fingerprint(cf_model: Any) -> str:
@@ -221,7 +243,8 @@ def fit_sft(
     `callbacks` are extra Trainer callbacks; `compute_loss_func(outputs, labels, num_items_in_batch)`
     replaces the causal-LM cross-entropy (the hook an alternative SFT objective plugs into).
     ``cfg["objective"] == "tca4rec"`` trains the SEQ examples' response SCIDs with TCA4Rec soft labels
-    (`tca4rec.py`) from `cf_model` (the tokenization stage's SASRec); validation loss stays plain CE.
+    (`tca4rec.py`) from `cf_model` (the tokenization stage's SASRec) — and, with ``tca4rec.positions:
+    all_labelled``, every labelled history SCID of the prompts too; validation loss stays plain CE.
     ``trainer.model_selection.metric: valid_recall`` chooses the checkpoint (and stops early) by Recall@K of
     the constrained decoder on a seeded sample of the valid users of `seq_eval_prompts`."""
     torch.manual_seed(seed)
@@ -238,10 +261,10 @@ def fit_sft(
         raise ValueError("sft_train: a custom compute_loss_func cannot cross into torchrun workers; use nproc_per_node=1")
     tca_settings = tca4rec_settings(cfg)
     if tca_settings is not None:
-        if nproc > 1:
+        if tca_settings.get("positions") == "all_labelled" and not tcfg.get("history_loss", False):
             raise ValueError(
-                "sft_train.objective=tca4rec is single-process only (its loss and per-example labels are not "
-                f"carried into torchrun workers); set sft_train.trainer.nproc_per_node=1 (got {nproc}) or objective=ce"
+                "sft_train.tca4rec.positions=all_labelled trains the labelled history SCIDs of the prompts, but "
+                "sft_train.trainer.history_loss is false (no prompt SCID is labelled); turn it on or use positions=response"
             )
         if compute_loss_func is not None:
             raise ValueError("sft_train: objective=tca4rec and a custom compute_loss_func cannot be combined")
@@ -281,13 +304,19 @@ def fit_sft(
         rec.tokenizer, train_df["prompt"].tolist(), train_df["response"].tolist(), max_length, history_ids,
         with_index=tca_settings is not None, label_prompt=history_label_flags(train_df, tcfg),
     )
-    tca, n_tca = None, 0
+    tca, n_tca, history_counts = None, 0, {}
     if tca_settings is not None:
         cf_ids = cf_model.item_ids if tca_settings.get("label", "cf") == "cf" else None
         tca = TCA4Rec.from_item_scids(item_scids, rec.tokenizer, cf_ids, **tca_settings)
         n_tca = attach_tca4rec_targets(train_rows, train_df, item_scids, tca, cf_model)
         if n_tca == 0:
             raise ValueError("sft_train.objective=tca4rec: no SEQ training example (task 'seq') to apply it to")
+        if tca.positions == "all_labelled":
+            history_counts = attach_tca4rec_history(train_rows, tca)
+            if history_counts["n_history_scids"] == 0:
+                log.warning("sft_train: tca4rec.positions=all_labelled found no labelled history SCID after the first "
+                            "in any prompt (trainer.history_loss_tasks=%s): only the SEQ responses get TCA4Rec",
+                            tcfg.get("history_loss_tasks"))
     eval_rows, dropped_eval = encode_examples(rec.tokenizer, valid_df["prompt"].tolist(), valid_df["response"].tolist(), max_length)
     if dropped_train or dropped_eval:
         log.warning("sft_train: dropped %d train / %d valid examples longer than max_length=%d", dropped_train, dropped_eval, max_length)
@@ -300,8 +329,10 @@ def fit_sft(
         else:
             callbacks.append(valid_recall_callback(recall_scorer(rec, item_scids, seq_eval_prompts, selection, seed),
                                                    selection_metric(tcfg)))
+    # The history labels of positions=all_labelled come from SASRec per batch; the response's are in the rows.
+    batch_cf = cf_model if tca is not None and tca.positions == "all_labelled" and tca.label == "cf" else None
     if nproc > 1:  # torchrun gives each worker one thread on CPU
-        rec, result = fit_distributed(rec, train_rows, eval_rows, tcfg, seed, output_dir, nproc)
+        rec, result = fit_distributed(rec, train_rows, eval_rows, tcfg, seed, output_dir, nproc, tca, batch_cf)
     else:
         threads, previous = cpu_threads(tcfg.get("torch_threads", "auto")), torch.get_num_threads()
         if threads:
@@ -309,7 +340,7 @@ def fit_sft(
         try:
             trainer, result = train_causal_lm(
                 rec.model, rec.tokenizer, train_rows, eval_rows, tcfg, str(output_dir), seed, callbacks, compute_loss_func,
-                tca4rec=tca,
+                tca4rec=tca, cf_model=batch_cf,
             )
         finally:
             torch.set_num_threads(previous)
@@ -322,8 +353,16 @@ def fit_sft(
     metrics["info"]["task_counts"] = train_df["task"].value_counts().to_dict() if "task" in train_df else {}
     objective = "ce" if tca_settings is None else "tca4rec"
     metrics["info"]["objective"] = objective
+    coverage = metrics["info"].pop("tca4rec_coverage", None)
     if tca_settings is not None:
-        metrics["info"]["tca4rec"] = {**tca_settings, "n_train_examples": n_tca}
+        metrics["info"]["tca4rec"] = {**tca_settings, "positions": tca.positions, "n_train_examples": n_tca,
+                                      **history_counts, "coverage": coverage}
+        if coverage:
+            metrics["scalars"]["tca4rec_scids_per_micro_batch"] = float(coverage["mean_scids_per_micro_batch"])
+            log.info("sft_train: TCA4Rec covered %s: %.1f SCIDs per micro-batch (%.1f response, %.1f history; "
+                     "%d first history items kept plain CE)", "+".join(coverage["covered"]),
+                     coverage["mean_scids_per_micro_batch"], coverage["mean_response_scids_per_micro_batch"],
+                     coverage["mean_history_scids_per_micro_batch"], coverage["history_first_ce"])
     rec.meta.update({
         "stage": "sft",
         "objective": objective,  # evaluation labels a tca4rec checkpoint's row "sft+tca4rec"

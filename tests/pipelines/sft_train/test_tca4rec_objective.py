@@ -101,12 +101,11 @@ def test_pipeline_with_tca4rec_objective_and_its_evaluation_row(tmp_path, toy, e
     assert recommend_with_lm(model, prompts, items, eval_params, stage="sft_model")[1]["model"] == "sft"
 
 
-def test_clear_errors_for_missing_cf_model_and_distributed(tmp_path, toy, examples, sasrec):
+def test_clear_errors_for_missing_cf_model_and_bad_settings(tmp_path, toy, examples, sasrec):
     with pytest.raises(ValueError, match="sasrec_model.*tokenization"):
         fit_sft(examples, toy["item_scids"], toy["user_scids"], tca_params(tmp_path / "a", 0.3), seed=0, cf_model=None)
-    params = tca_params(tmp_path / "b", 0.3)
-    params["trainer"]["nproc_per_node"] = 2
-    with pytest.raises(ValueError, match="nproc_per_node=1"):
+    params = tca_params(tmp_path / "b", 0.3, positions="everywhere")
+    with pytest.raises(ValueError, match="tca4rec.positions"):
         fit_sft(examples, toy["item_scids"], toy["user_scids"], params, seed=0, cf_model=sasrec)
     params = tca_params(tmp_path / "c", 0.3)
     params["objective"] = "tca"

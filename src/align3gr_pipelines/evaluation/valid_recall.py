@@ -1,5 +1,6 @@
 """Validation Recall@K of a RecLM with the constrained decoder: the model-selection signal for SFT
-checkpoints and DPO stages.
+checkpoints and DPO stages (a DPO stage may select on NDCG@K or MRR@K of the same decoded lists instead:
+`head_scores`, `SELECTION_METRICS`).
 
 Loss on a few hundred valid examples and recall with the constrained decoder can disagree (a model can
 lower the loss of the target while its rank among ~10k catalogue items gets worse), and recall is what is
@@ -16,7 +17,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from align3gr_pipelines.evaluation.metrics import mrr_at_k, ndcg_at_k, recall_at_k as recall_per_user
 from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts
+
+# What a DPO stage may select and gate on (`Selection.metric`), each a per-user score of one decoded top-K
+# list: recall = hit (bool, the behaviour before issue 25), ndcg = 1/log2(rank + 1), mrr = 1/rank, 0 beyond K.
+SELECTION_METRICS = ("recall", "ndcg", "mrr")
 
 
 @dataclass
@@ -61,12 +67,40 @@ def build_valid_sample(rows: pd.DataFrame, item_scids: pd.DataFrame, tokenizer: 
 
 
 @torch.no_grad()
-def hits_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> np.ndarray:
-    """bool[n]: whether each sampled user's held-out item is among the model's constrained top-`k`."""
+def decode_top_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> np.ndarray:
+    """int64[n, k]: each sampled user's constrained top-`k` (catalogue indices, best first; -1 = no item)."""
     if len(sample) == 0:
         raise ValueError("valid recall: the valid sample is empty (no target is in the catalogue)")
     idx, _ = decode_prompts(rec_lm, sample.prompts, sample.catalog, beam_width=max(beam_width, k), top_k=k, batch_size=batch_size)
-    return (idx.numpy() == sample.target_index[:, None]).any(axis=1)
+    return idx.numpy()
+
+
+def hits_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> np.ndarray:
+    """bool[n]: whether each sampled user's held-out item is among the model's constrained top-`k`."""
+    return (decode_top_k(rec_lm, sample, k, beam_width, batch_size) == sample.target_index[:, None]).any(axis=1)
+
+
+def head_scores(top: np.ndarray, target_index: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per-user ``recall@k`` (bool hits), ``ndcg@k``, ``mrr@k`` and ``hr@1`` of decoded lists ``top`` [n, >= k]
+    (best first, -1 = no item) against the held-out targets: one decode gives every head metric. The math is
+    `evaluation.metrics`' (no list scores: the decoder's order is the ranking, as in `hits_at_k`)."""
+    top = np.asarray(top)
+    if top.ndim != 2 or top.shape[0] != len(target_index):
+        raise ValueError(f"valid head scores: expected decoded lists [{len(target_index)}, k], got shape {top.shape}")
+    items, targets = top[:, :k], np.asarray(target_index).tolist()
+    return {
+        f"recall@{k}": recall_per_user(items, targets, k) > 0,  # bool: no ties, so a hit or a miss
+        f"ndcg@{k}": ndcg_at_k(items, targets, k),
+        f"mrr@{k}": mrr_at_k(items, targets, k),
+        "hr@1": recall_per_user(items, targets, 1),
+    }
+
+
+def selection_key(metric: str, k: int) -> str:
+    """The `head_scores` key a `SELECTION_METRICS` name selects on."""
+    if metric not in SELECTION_METRICS:
+        raise ValueError(f"valid selection metric: expected one of {SELECTION_METRICS}, got {metric!r}")
+    return f"{metric}@{k}"
 
 
 def recall_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> float:
@@ -75,13 +109,15 @@ def recall_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int =
 
 
 def sign_test_p(better: np.ndarray, base: np.ndarray) -> float:
-    """One-sided exact sign (McNemar) test that `better` hits more users than `base` on the same users:
-    P(X >= b) for X ~ Binomial(b + c, 1/2), b / c the users only `better` / only `base` hits. 1.0 when
-    no user differs."""
-    better, base = np.asarray(better, dtype=bool), np.asarray(base, dtype=bool)
+    """One-sided exact sign test that `better` scores higher than `base` on the same users: P(X >= b) for
+    X ~ Binomial(b + c, 1/2), b / c the users whose score is higher / lower under `better` (for hits: the
+    users only `better` / only `base` hits, McNemar's). Scores are per-user hits (bool) or per-user NDCG /
+    MRR; ties do not count. 1.0 when no user differs."""
+    better, base = np.asarray(better), np.asarray(base)
     if better.shape != base.shape:
-        raise ValueError(f"sign test: hit vectors of different shapes {better.shape} and {base.shape}")
-    b, c = int((better & ~base).sum()), int((base & ~better).sum())
+        raise ValueError(f"sign test: score vectors of different shapes {better.shape} and {base.shape}")
+    better, base = better.astype(np.float64), base.astype(np.float64)  # bool hits: True > False, as before
+    b, c = int((better > base).sum()), int((base > better).sum())
     n = b + c
     return 1.0 if n == 0 else float(sum(math.comb(n, i) for i in range(b, n + 1)) / 2**n)
 

@@ -19,9 +19,9 @@ history, so the prompt is run once per example and its KV cache is expanded to t
 
 Selection (``Selection``): DPO's loss can fall while top-K recall falls too, so a stage is judged on what
 is reported. The stage's input policy and the checkpoints every ``eval_every`` optimizer steps (and the
-last one) are scored by valid Recall@K with the constrained decoder on a seeded sample of valid users
-(``valid_recall``); the best one is kept, and the input policy wins ties — a stage never hands on a policy
-that is worse on that sample than the one it got, unless ``allow_worse`` (then the last checkpoint is kept,
+last one) are scored by valid Recall@K (or NDCG@K / MRR@K of the same top-K: ``Selection.metric``) with the
+constrained decoder on a seeded sample of valid users (``valid_recall``); the best one is kept, and the
+input policy wins ties — a stage never hands on a policy that is worse on that sample than the one it got, unless ``allow_worse`` (then the last checkpoint is kept,
 as the paper does). With ``max_p_value`` a checkpoint replaces the input policy only when it beats it on a
 one-sided sign test over the sampled users (``valid_recall.sign_test_p``): the maximum over several noisy
 evaluations of the same few hundred users is biased upwards, and gains of 2-4 users of 610 chosen that way
@@ -48,6 +48,8 @@ from tqdm.auto import tqdm
 
 from align3gr_pipelines.evaluation import valid_recall
 from align3gr_pipelines.lm.constrained_decoding import cache_argument, output_cache
+from align3gr_pipelines.lm.precision import autocast as autocast_context
+from align3gr_pipelines.lm.precision import check_autocast_setting
 from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt, encode_response
 from align3gr_pipelines.preference.softmax_dpo import softmax_dpo_loss
 
@@ -73,6 +75,9 @@ class DPOConfig:
     # true: the stage trains the input policy's own model (no copy: for large models, where a second copy
     # does not fit); the input RecLM object then holds the trained weights. false: a copy is trained.
     in_place: bool = False
+    # The policy and reference forward passes (lm.precision.autocast): auto = bf16 autocast on a CUDA GPU,
+    # none elsewhere (a CPU run is exact fp32, as before); off | bfloat16 | float16.
+    autocast: str = "auto"
 
     @classmethod
     def from_params(cls, params: dict[str, Any], where: str) -> "DPOConfig":
@@ -88,13 +93,14 @@ class DPOConfig:
             raise ValueError(f"{where}: beta and learning_rate must be > 0, got {cfg.beta}, {cfg.learning_rate}")
         if cfg.nll_weight < 0:
             raise ValueError(f"{where}.nll_weight must be >= 0, got {cfg.nll_weight}")
+        check_autocast_setting(cfg.autocast, f"{where}.autocast")
         return cfg
 
 
 @dataclass
 class Selection:
-    """Checkpoint selection of one stage on valid Recall@K (module docstring). ``enabled: false`` = the
-    paper's behaviour: the last step's policy, no evaluation."""
+    """Checkpoint selection of one stage on valid Recall@K, NDCG@K or MRR@K (``metric``; module docstring).
+    ``enabled: false`` = the paper's behaviour: the last step's policy, no evaluation."""
 
     enabled: bool = False
     eval_every: int = 8  # optimizer steps between evaluations (the last step is always evaluated)
@@ -111,6 +117,10 @@ class Selection:
     # replaces the input policy only if it also beats it on the other half (sign test at max_p_value, or
     # a higher recall when max_p_value is null). false: both on the same users (before 2026-12-03).
     confirm_half: bool = False
+    # The per-user score selection, its sign test and confirm_half compare (valid_recall.SELECTION_METRICS):
+    # recall = hit@K (before issue 25); ndcg / mrr = NDCG@K / MRR@K of the same decoded top-K, where a
+    # preference stage acts (the head of the list). The paper has no selection at all.
+    metric: str = "recall"
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None, where: str) -> "Selection":
@@ -125,25 +135,36 @@ class Selection:
                 raise ValueError(f"{where}.{name} must be >= 1, got {getattr(sel, name)}")
         if sel.max_p_value is not None and not 0.0 < float(sel.max_p_value) <= 1.0:
             raise ValueError(f"{where}.max_p_value must be in (0, 1] or null, got {sel.max_p_value}")
+        if sel.metric not in valid_recall.SELECTION_METRICS:
+            raise ValueError(f"{where}.metric: expected one of {valid_recall.SELECTION_METRICS}, got {sel.metric!r}")
         return sel
 
 
 def valid_recall_evaluator(
     seq_eval_prompts: pd.DataFrame, item_scids: pd.DataFrame, tokenizer: Any, sel: Selection, seed: int
 ) -> Callable[[Any], np.ndarray]:
-    """model → per-user valid hits@K (bool[n]; their mean is valid Recall@K) on the stage's seeded sample of
-    valid users (the same users for every stage)."""
+    """model → per-user valid score of ``sel.metric`` on the stage's seeded sample of valid users (the same
+    users for every stage): hits@K (bool[n]; their mean is valid Recall@K), or NDCG@K / MRR@K (float[n]).
+    Every call also leaves all head metrics of the same decoded lists in ``evaluate.last_head``
+    (`valid_recall.head_scores`: recall@K, ndcg@K, mrr@K, hr@1, per user), so the stage can report them
+    side by side without a second decode."""
     sample = valid_recall.build_valid_sample(
         valid_recall.sample_valid_prompts(seq_eval_prompts, sel.n_users, seed), item_scids, tokenizer
     )
+    key = valid_recall.selection_key(sel.metric, sel.k)
 
     def evaluate(model: Any) -> np.ndarray:
         rec = RecLM(model=model, tokenizer=tokenizer, meta={})
-        return valid_recall.hits_at_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
+        top = valid_recall.decode_top_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
+        evaluate.last_head = valid_recall.head_scores(top, sample.target_index, sel.k)  # type: ignore[attr-defined]
+        return evaluate.last_head[key]  # type: ignore[attr-defined]
 
-    # Identifies the sample and decoder settings, so a stage can reuse the score its input policy got as
-    # the previous stage's selected checkpoint (recorded in meta["valid_recall"]) instead of decoding again.
-    payload = json.dumps([sample.prompts, sample.target_index.tolist(), sel.k, sel.beam_width])
+    evaluate.last_head = None  # type: ignore[attr-defined]
+    # Identifies the sample, decoder settings and score, so a stage can reuse the score its input policy got
+    # as the previous stage's selected checkpoint (recorded in meta["valid_recall"]) instead of decoding
+    # again. The metric joins the payload only when it is not recall, so recall keys stay as they were.
+    payload = json.dumps([sample.prompts, sample.target_index.tolist(), sel.k, sel.beam_width]
+                         + ([sel.metric] if sel.metric != "recall" else []))
     evaluate.key = hashlib.sha256(payload.encode()).hexdigest()  # type: ignore[attr-defined]
     # The select / confirm halves of this sample (used with sel.confirm_half), fixed by the run's seed so
     # that every stage splits the same users the same way.
@@ -242,7 +263,8 @@ def _move(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, tor
 
 @torch.no_grad()
 def reference_logps(
-    model: Any, examples: list[PreferenceExample], pad_id: int, batch_size: int, show_progress: bool = True
+    model: Any, examples: list[PreferenceExample], pad_id: int, batch_size: int, show_progress: bool = True,
+    autocast: str = "auto",
 ) -> list[torch.Tensor]:
     """Per example, log π_ref of [chosen, rejected_1..N] (a CPU tensor of length 1 + N_i)."""
     was_training = model.training
@@ -253,7 +275,8 @@ def reference_logps(
     out: list[torch.Tensor | None] = [None] * len(examples)
     for s in tqdm(range(0, len(order), batch_size), desc="reference log-probs", disable=not show_progress):
         idx = order[s : s + batch_size]
-        logps = sequence_logps(model, _move(collate([examples[i] for i in idx], pad_id), device)).cpu()
+        with autocast_context(autocast, device):
+            logps = sequence_logps(model, _move(collate([examples[i] for i in idx], pad_id), device)).cpu()
         for row, i in enumerate(idx):
             out[i] = logps[row, : 1 + len(examples[i].rejected_ids)].clone()
     model.train(was_training)
@@ -343,9 +366,11 @@ class DPOResult:
 
 
 @torch.no_grad()
-def _drift(model: Any, examples: list[PreferenceExample], ref: list[torch.Tensor], pad_id: int, batch_size: int) -> tuple[float, float]:
+def _drift(
+    model: Any, examples: list[PreferenceExample], ref: list[torch.Tensor], pad_id: int, batch_size: int, autocast: str = "auto"
+) -> tuple[float, float]:
     """Mean (policy − reference) log-prob of the chosen and of the rejected responses over ``examples``."""
-    now = reference_logps(model, examples, pad_id, batch_size, show_progress=False)
+    now = reference_logps(model, examples, pad_id, batch_size, show_progress=False, autocast=autocast)
     chosen = [float(n[0] - r[0]) for n, r in zip(now, ref)]
     rejected = [float(x) for n, r in zip(now, ref) for x in (n[1:] - r[1:])]
     return float(np.mean(chosen)), float(np.mean(rejected)) if rejected else 0.0
@@ -375,7 +400,7 @@ def train_dpo(
     device = next(model.parameters()).device
 
     t0 = time.perf_counter()
-    ref = reference_logps(model, examples, pad_id, cfg.ref_batch_size, cfg.show_progress)
+    ref = reference_logps(model, examples, pad_id, cfg.ref_batch_size, cfg.show_progress, cfg.autocast)
     ref_seconds = time.perf_counter() - t0
 
     params = trainable_parameters(model)
@@ -392,10 +417,16 @@ def train_dpo(
     drift_ex, drift_ref = [examples[i] for i in drift_idx], [ref[i] for i in drift_idx]
     gated = select and selection.max_p_value is not None
     halves = select and selection.confirm_half
-    for name in ("valid_recall", "chosen_logp_drift", "rejected_logp_drift") + (("valid_p_vs_input",) if gated else ()):
+    # The selection score's curves and scalars are named for it: valid_recall* (as before issue 25), or
+    # valid_ndcg* / valid_mrr*; a recall score is per-user hits (bool), the others floats.
+    metric = selection.metric if selection is not None else "recall"
+    sname = "valid_recall" if metric == "recall" else f"valid_{metric}"
+    as_scores = (lambda h: np.asarray(h, dtype=bool)) if metric == "recall" else (lambda h: np.asarray(h, dtype=np.float64))
+    for name in (sname, "chosen_logp_drift", "rejected_logp_drift") + (("valid_p_vs_input",) if gated else ()):
         curves[name] = []
     if halves:
-        curves["valid_recall_confirm"] = []
+        curves[f"{sname}_confirm"] = []
+    head: dict[int, dict[str, float]] = {}  # step -> mean head metrics on the whole sample (evaluate.last_head)
     best: dict[str, Any] = {}
     input_hits: list[np.ndarray] = []
     confirm: np.ndarray | None = None  # bool mask of the confirm half, fixed at the first evaluation
@@ -404,7 +435,7 @@ def train_dpo(
 
     def checkpoint(at: int) -> None:
         nonlocal confirm
-        c, r = _drift(model, drift_ex, drift_ref, pad_id, cfg.ref_batch_size)
+        c, r = _drift(model, drift_ex, drift_ref, pad_id, cfg.ref_batch_size, cfg.autocast)
         curves["chosen_logp_drift"].append([at, c])
         curves["rejected_logp_drift"].append([at, r])
         if not select:
@@ -415,25 +446,29 @@ def train_dpo(
             score, hits = float(input_score), None
         else:
             hits = evaluate(model)
+            last_head = getattr(evaluate, "last_head", None)
+            if last_head:
+                head[at] = {name: float(np.mean(v)) for name, v in last_head.items()}
             if (gated or halves) and np.ndim(hits) != 1:
-                raise ValueError("DPO selection: max_p_value and confirm_half need an evaluator that returns per-user hits")
+                raise ValueError("DPO selection: max_p_value and confirm_half need an evaluator that returns per-user hits "
+                                 "(or per-user scores)")
             if halves:
-                hits = np.asarray(hits, dtype=bool)
+                hits = as_scores(hits)
                 if confirm is None:  # the evaluator's own halves: the same users for every stage of a seed
                     confirm = getattr(evaluate, "confirm", None)
                     confirm = valid_recall.confirm_half(len(hits), seed) if confirm is None else confirm
                 confirm_hits[at] = hits[confirm]
-                curves["valid_recall_confirm"].append([at, float(hits[confirm].mean())])
+                curves[f"{sname}_confirm"].append([at, float(hits[confirm].mean())])
                 hits = hits[~confirm]  # selection and its gate see the select half only
             score = float(np.mean(hits))
         model.train(was)
-        curves["valid_recall"].append([at, score])
+        curves[sname].append([at, score])
         qualifies = True
         if gated:
             if at == 0:
-                input_hits.append(np.asarray(hits, dtype=bool))
+                input_hits.append(as_scores(hits))
             else:
-                p = valid_recall.sign_test_p(hits, input_hits[0])
+                p = valid_recall.sign_test_p(as_scores(hits), input_hits[0])
                 curves["valid_p_vs_input"].append([at, p])
                 qualifies = p <= float(selection.max_p_value)
         if not best or (qualifies and score > best["score"]):
@@ -455,7 +490,8 @@ def train_dpo(
             for m in range(0, len(step_idx), cfg.batch_size):
                 idx = step_idx[m : m + cfg.batch_size]
                 batch = _move(collate([examples[i] for i in idx], pad_id), device)
-                logps = sequence_logps(model, batch)
+                with autocast_context(cfg.autocast, device):  # the backward pass runs outside it, as autocast wants
+                    logps = sequence_logps(model, batch)
                 ref_b = torch.zeros_like(logps)
                 for row, i in enumerate(idx):
                     ref_b[row, : len(ref[i])] = ref[i].to(device)
@@ -492,7 +528,7 @@ def train_dpo(
     t_eval = time.perf_counter()
     checkpoint(step)
     eval_seconds += time.perf_counter() - t_eval
-    last_recall = curves["valid_recall"][-1][1] if curves["valid_recall"] else float("nan")
+    last_recall = curves[sname][-1][1] if curves[sname] else float("nan")
     selected_step = step
     if select and not selection.allow_worse and best["step"] != step:
         restore_snapshot(model, best["state"])
@@ -536,25 +572,31 @@ def train_dpo(
         "pairs_per_second": rate_per_second(len(examples) * cfg.epochs, train_seconds),
     }
     if select:
-        scalars.update(
-            valid_recall_input=curves["valid_recall"][0][1],
-            valid_recall_last=last_recall,
-            valid_recall_selected=dict(map(tuple, curves["valid_recall"]))[selected_step],
-            valid_recall_best=max(v for _, v in curves["valid_recall"]),
-        )
+        scalars.update({
+            f"{sname}_input": curves[sname][0][1],
+            f"{sname}_last": last_recall,
+            f"{sname}_selected": dict(map(tuple, curves[sname]))[selected_step],
+            f"{sname}_best": max(v for _, v in curves[sname]),
+        })
+        # Recall@K, NDCG@K, MRR@K and HR@1 of the input policy and the kept checkpoint on the whole valid
+        # sample, from the lists the selection decoded (absent where that policy was not decoded: a reused
+        # input score, or an evaluator without last_head).
+        for which, at in (("input", 0), ("selected", selected_step)):
+            scalars.update({f"valid_{which}_{name}": v for name, v in head.get(at, {}).items()})
         if gated:
             scalars["selected_p_vs_input"] = dict(map(tuple, curves["valid_p_vs_input"])).get(selected_step, 1.0)
         if halves:
-            on_confirm = dict(map(tuple, curves["valid_recall_confirm"]))
-            scalars.update(valid_recall_confirm_input=on_confirm[0], valid_recall_confirm_selected=on_confirm[selected_step])
+            on_confirm = dict(map(tuple, curves[f"{sname}_confirm"]))
+            scalars.update({f"{sname}_confirm_input": on_confirm[0], f"{sname}_confirm_selected": on_confirm[selected_step]})
         if confirmation is not None:
             scalars.update(confirm_p_vs_input=confirmation["p"], confirmed=float(confirmation["confirmed"]))
     return DPOResult(curves=curves, scalars=scalars)
 
 
 def confirmed_on_other_half(selected: np.ndarray, base: np.ndarray, max_p_value: float | None) -> dict[str, Any]:
-    """Whether a checkpoint chosen on the select half also beats the input policy on the confirm half (hits
-    of the same users): the one-sided sign test at ``max_p_value``, or a higher recall when it is null."""
+    """Whether a checkpoint chosen on the select half also beats the input policy on the confirm half (hits,
+    or NDCG / MRR, of the same users): the one-sided sign test at ``max_p_value``, or a higher mean when it is
+    null."""
     p = valid_recall.sign_test_p(selected, base)
     ok = p <= float(max_p_value) if max_p_value is not None else float(np.mean(selected)) > float(np.mean(base))
     return {"p": float(p), "confirmed": bool(ok)}

@@ -19,6 +19,15 @@ interactions never label anything, never become a chosen or a rejected item, nev
    recommended, then the other later-rated ones; unrated recommendations only behind a switch. At most N;
    every source is counted per pair. (Before issue 15 the chosen item was the best-ranked liked
    recommendation from anywhere in the training period — often an item consumed before the prompt.)
+5. The hard stage's rule (``rf_dpo.hard_stage``, issue 25). ``neutral`` is the paper's liked vs neutral. In the
+   paper's industrial data "neutral" was shown but not clicked, i.e. not consumed; on rating data (MovieLens,
+   Amazon) it is a consumed item with a middling rating, and on ml-latest-small 28% of the leave-one-out test
+   targets are such items (34% with 2-3.5 stars as neutral), so pushing neutral items down works against
+   next-item recall. ``disliked_hard`` keeps liked vs disliked and makes the negatives harder instead: the
+   prompt's later-rated disliked items ranked by the input policy's exact log-probability
+   (`policy_item_logprobs`, computed when the stage recommends), highest first.
+   ``unrated_shown`` (liked vs shown-but-unrated) would need impressions, which no supported source records:
+   it is refused with an error naming the parameter.
 """
 from __future__ import annotations
 
@@ -31,7 +40,29 @@ import pandas as pd
 from align3gr_pipelines.sft.prompts import seq_prompt
 
 LEVELS = ("disliked", "neutral", "liked")
-STAGE_REJECTED = {"easy": ("disliked",), "hard": ("neutral",), "mixed": ("disliked", "neutral")}
+STAGE_REJECTED = {
+    "easy": ("disliked",), "hard": ("neutral",), "mixed": ("disliked", "neutral"), "disliked_hard": ("disliked",),
+}
+# rf_dpo.hard_stage → the pair rule of the hard slot (progressive mode).
+HARD_STAGES = {"neutral": "hard", "disliked_hard": "disliked_hard"}
+# Hard-stage rules that need impressions (items shown to the user and not consumed): no supported source has them.
+NEEDS_IMPRESSIONS = ("unrated_shown",)
+# Columns the recommendations of a disliked_hard stage carry: per prompt, the later-rated disliked items and the
+# input policy's log-probability of each.
+SCORE_COLUMNS = ("scored_items", "scored_logp")
+
+
+def check_hard_stage(value: object) -> str:
+    """The pair rule (a key of STAGE_REJECTED) of ``rf_dpo.hard_stage``, or a clear error."""
+    if value in NEEDS_IMPRESSIONS:
+        raise ValueError(
+            f"parameters rf_dpo.hard_stage: {value!r} needs impressions (items shown to the user that they did not "
+            "consume), and no supported data source (demo, movielens, lcrec_json, amazon2018) records them: its "
+            "interactions are consumed items only. Use 'neutral' (the paper) or 'disliked_hard'."
+        )
+    if value not in HARD_STAGES:
+        raise ValueError(f"parameters rf_dpo.hard_stage: expected one of {sorted(HARD_STAGES)}, got {value!r}")
+    return HARD_STAGES[str(value)]
 
 
 def rating_to_level(ratings: pd.Series, neutral_min: float = 2.0, liked_min: float = 4.0) -> pd.Series:
@@ -201,6 +232,58 @@ def user_prompts(
     return out, stats
 
 
+def disliked_candidates(prompts: pd.DataFrame, levels: pd.DataFrame) -> list[list[str]]:
+    """Per prompt, the items a ``disliked_hard`` stage may reject: the prompt's ``future`` items (not in its
+    history) the user rated disliked in the training period, once each, nearest first."""
+    _require(prompts, "rf_dpo prompts", ["user_id", "history", "future"])
+    label_of = {u: dict(zip(g["item_id"].astype(str), g["level"])) for u, g in levels.groupby("user_id")}
+    out = []
+    for p in prompts.itertuples(index=False):
+        label = label_of.get(p.user_id, {})
+        before = set(map(str, p.history))
+        later = [str(i) for i in p.future if str(i) not in before and label.get(str(i)) == "disliked"]
+        out.append(list(dict.fromkeys(later)))
+    return out
+
+
+def rank_by_score(items: Sequence[str], scores: dict[str, float]) -> list[str]:
+    """``items`` by score, highest first; equal scores keep their order (nearest first)."""
+    missing = [i for i in items if i not in scores]
+    if missing:
+        raise ValueError(f"rf_dpo disliked_hard: no policy score for item(s) {missing[:5]} (column scored_items)")
+    return [i for _, i in sorted(enumerate(items), key=lambda t: (-float(scores[t[1]]), t[0]))]
+
+
+def policy_item_logprobs(
+    policy: Any, prompts: Sequence[str], item_scids: pd.DataFrame, candidates: Sequence[Sequence[str]], batch_size: int,
+) -> list[list[float]]:
+    """The policy's exact sequence log-probability of each candidate item's SCID after its prompt (the score the
+    constrained decoder ranks by), one list per prompt."""
+    import torch
+
+    from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, item_logprobs
+    from align3gr_pipelines.lm.rec_lm import encode_prompt
+
+    if len(prompts) != len(candidates):
+        raise ValueError(f"policy_item_logprobs: {len(prompts)} prompts for {len(candidates)} candidate lists")
+    width = max((len(c) for c in candidates), default=0)
+    if width == 0:
+        return [[] for _ in candidates]
+    tok = policy.tokenizer
+    catalog = SCIDCatalog.from_scids(item_scids, tok)
+    index = {str(iid): k for k, iid in enumerate(catalog.item_ids)}
+    missing = sorted({i for c in candidates for i in c if i not in index})
+    if missing:
+        raise ValueError(f"rf_dpo disliked_hard: item(s) {missing[:5]} have no SCID in item_scids")
+    cand = torch.full((len(candidates), width), -1, dtype=torch.long)
+    for r, items in enumerate(candidates):
+        cand[r, : len(items)] = torch.as_tensor([index[i] for i in items], dtype=torch.long)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    lp = item_logprobs(policy.model, [encode_prompt(tok, p) for p in prompts], catalog, cand, batch_size=batch_size,
+                       pad_token_id=pad)
+    return [lp[r, : len(items)].tolist() for r, items in enumerate(candidates)]
+
+
 def build_feedback_pairs(
     prompts: pd.DataFrame,
     recommendations: pd.DataFrame,
@@ -211,23 +294,34 @@ def build_feedback_pairs(
     item_tokens: dict[str, str],
     item_codes: dict[str, Sequence[int]],
 ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Pairs of one RF-DPO stage ('easy', 'hard' or 'mixed') from prompts (user_id, prompt, history,
-    target, future), recommendations (user_id, rank, item_id) and training-period levels.
+    """Pairs of one RF-DPO stage ('easy', 'hard', 'mixed' or 'disliked_hard') from prompts (user_id, prompt,
+    history, target, future; for 'disliked_hard' also SCORE_COLUMNS), recommendations (user_id, rank, item_id)
+    and training-period levels.
 
     Everything is relative to the prompt: chosen = the prompt's target (the user's true next item) when
     liked, else the nearest liked item of its ``future``; rejected = ``future`` items of the stage's
     level(s) that the policy recommended (rank order), then the other ``future`` items of those levels
     (nearest first), then — only if ``pad_with_unrated`` — recommendations the user never rated (they may
-    be the user's true future, hence off by default). Nothing in the prompt's history or before the
-    prompt is ever chosen or rejected."""
+    be the user's true future, hence off by default). 'disliked_hard' orders the ``future`` disliked items by
+    the policy's score instead (highest first; source 'recommended' when the policy's top-K holds the item,
+    else 'later_rated'), then pads the same way. Nothing in the prompt's history or before the prompt is ever
+    chosen or rejected.
+
+    Stats: pairs built and dropped, where the rejected items came from (``n_from_*``), and the pools they were
+    drawn from over the prompts that have a chosen item (``pool_*``; ``n_pool_not_kept``: pool items of the
+    stage's level(s) left out by the cap ``n_rejected``)."""
     if stage not in STAGE_REJECTED:
         raise ValueError(f"rf_dpo stage must be one of {sorted(STAGE_REJECTED)}, got {stage!r}")
     _require(prompts, "rf_dpo prompts", ["user_id", "prompt", "history", "target", "future"])
+    by_score = stage == "disliked_hard"
+    if by_score:
+        _require(prompts, "rf_dpo prompts of a disliked_hard stage", list(SCORE_COLUMNS))
     rejected_levels = set(STAGE_REJECTED[stage])
     recs = recommendations.sort_values(["user_id", "rank"]).groupby("user_id")["item_id"].apply(list).to_dict()
     label_of = {u: dict(zip(g["item_id"].astype(str), g["level"])) for u, g in levels.groupby("user_id")}
     rows = []
     counts = {"chosen_target": 0, "chosen_later_liked": 0, "dropped_no_liked_future": 0, "dropped_no_rejected": 0}
+    pools = {"pool_later_rated": 0, "pool_recommended": 0, "pool_unrated_recommended": 0}
     for p in prompts.itertuples(index=False):
         label = label_of.get(p.user_id, {})
         before = set(map(str, p.history))
@@ -242,6 +336,11 @@ def build_feedback_pairs(
                 continue
             chosen, chosen_source = later[0], "later_liked"
         rec = [i for i in recs.get(p.user_id, []) if i not in before]
+        rec_set = set(rec)
+        pool = {i for i in future if label.get(i) in rejected_levels} - {chosen}
+        pools["pool_later_rated"] += len(pool)
+        pools["pool_recommended"] += len(pool & rec_set)
+        pools["pool_unrated_recommended"] += len({i for i in rec if i not in label} - {chosen})
         rejected: list[tuple[str, str, str]] = []  # (item, level, source)
         seen = {chosen}
 
@@ -250,12 +349,18 @@ def build_feedback_pairs(
                 rejected.append((item, level, source))
                 seen.add(item)
 
-        for i in rec:
-            if i in future_set and label.get(i) in rejected_levels:
-                add(i, label[i], "recommended")
-        for i in future:
-            if label.get(i) in rejected_levels:
-                add(i, label[i], "later_rated")
+        if by_score:
+            scores = dict(zip(map(str, p.scored_items), map(float, p.scored_logp)))
+            ranked = rank_by_score(list(dict.fromkeys(i for i in future if label.get(i) in rejected_levels)), scores)
+            for i in ranked:
+                add(i, label[i], "recommended" if i in rec_set else "later_rated")
+        else:
+            for i in rec:
+                if i in future_set and label.get(i) in rejected_levels:
+                    add(i, label[i], "recommended")
+            for i in future:
+                if label.get(i) in rejected_levels:
+                    add(i, label[i], "later_rated")
         if pad_with_unrated:
             for i in rec:
                 if i not in label:
@@ -291,6 +396,9 @@ def build_feedback_pairs(
     for col in ("n_from_recommendations", "n_from_later_rated", "n_from_unrated"):
         stats[col] = float(pairs[col].sum()) if len(pairs) else 0.0
     stats["mean_rejected_per_pair"] = float(pairs["rejected"].map(len).mean()) if len(pairs) else 0.0
+    stats["n_prompts"] = float(len(prompts))
+    stats.update({k: float(v) for k, v in pools.items()})
+    stats["n_pool_not_kept"] = stats["pool_later_rated"] - stats["n_from_recommendations"] - stats["n_from_later_rated"]
     return pairs, stats
 
 

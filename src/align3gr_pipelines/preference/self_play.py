@@ -38,6 +38,24 @@ up almost entirely filled at random from the catalogue (no longer self-play):
 
 ``filled`` counts the negatives drawn uniformly from the catalogue (not ranked by the policy); the stage's
 ``filled_fraction`` is the share reported per stage (the issue's target: below 30%).
+
+On-policy, reachable pairs (``mining.pairs: reachable``, issue 25; the paper and the default: ``bucketed``,
+everything above). The policy decodes each candidate prompt's constrained beam (``reachable_beam_width``); a
+prompt qualifies only when its target (the chosen item) is in that beam, i.e. the policy can already reach
+it, and its rejected items are the beam's items ranked above the target (rank order), then the rest of the
+beam (rank order), up to N: never the target, never a known later positive of the user with
+``exclude_later_positives`` (`reachable_negatives`). Pushing the target above what the policy ranks over it
+is the head-of-list change NDCG / MRR / HR@1 measure. Prefix buckets and fills do not apply.
+
+Curriculum with reachable pairs: the stages split the qualifying prompts by the target's beam rank
+(``reachable_rank_bands``, 1-based, inclusive; default easy = rank 1, medium = 2-5, hard = 6-20). Difficulty
+here is how many items the policy prefers to the target: none at rank 1 (the pair only widens a margin the
+policy already has), many deep in the beam. Each stage decodes the whole candidate pool of the one-stage modes
+(3 x prompts_per_stage prompts, so the three bands see every reachable prompt) with its own input policy and
+keeps at most prompts_per_stage prompts of its band. The other reading, the stage buckets as an order of the
+rejected items, was not taken: with a beam of 20 and N = 20 every beam item is rejected in every stage, so
+the buckets would change nothing. On-policy means a prompt can move between bands as the policy changes, so
+the stages' prompts need not be disjoint.
 """
 from __future__ import annotations
 
@@ -360,6 +378,7 @@ def sample_prompts(sft_examples: pd.DataFrame, item_ids: Sequence[str], seed: in
 
 MINING_CANDIDATES = ("beam", "scored")
 BUCKET_BY = ("prefix", "similarity")
+PAIR_SOURCES = ("bucketed", "reachable")
 
 
 @dataclass(frozen=True)
@@ -374,16 +393,35 @@ class Mining:
     # Never reject an item the prompt's user consumes later in training: such a negative is a known future
     # positive, and pushing it down pushes down held-out-like targets. The paper does not filter (False).
     exclude_later_positives: bool = False
+    # bucketed (the paper): the settings above. reachable: on-policy pairs from the policy's own beam of
+    # reachable_beam_width, curriculum stages by the target's beam rank (module docstring).
+    pairs: str = "bucketed"
+    reachable_beam_width: int = 20
+    reachable_rank_bands: tuple[tuple[int, int], ...] = ((1, 1), (2, 5), (6, 20))
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None, n_stages: int) -> "Mining":
         p = dict(params or {})
-        known = {"candidates", "bucket_by", "max_scored", "similarity_bands", "score_batch_size", "exclude_later_positives"}
+        known = {"candidates", "bucket_by", "max_scored", "similarity_bands", "score_batch_size", "exclude_later_positives",
+                 "pairs", "reachable_beam_width", "reachable_rank_bands"}
         if set(p) - known:
             raise ValueError(f"parameters sp_dpo_curriculum.mining: unknown key(s) {sorted(set(p) - known)}; expected some of {sorted(known)}")
         if "similarity_bands" in p:
             p["similarity_bands"] = tuple(tuple(float(x) for x in b) for b in p["similarity_bands"])
+        if "reachable_rank_bands" in p:
+            p["reachable_rank_bands"] = tuple(tuple(b) for b in p["reachable_rank_bands"])
         m = cls(**p)
+        if m.pairs not in PAIR_SOURCES:
+            raise ValueError(f"parameters sp_dpo_curriculum.mining.pairs: expected one of {PAIR_SOURCES}, got {m.pairs!r}")
+        if isinstance(m.reachable_beam_width, bool) or not isinstance(m.reachable_beam_width, int) or m.reachable_beam_width < 1:
+            raise ValueError(f"parameters sp_dpo_curriculum.mining.reachable_beam_width: expected an integer >= 1, got {m.reachable_beam_width!r}")
+        rb = m.reachable_rank_bands
+        if len(rb) != n_stages or any(len(b) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in b)
+                                      or not 1 <= b[0] <= b[1] for b in rb):
+            raise ValueError(
+                f"parameters sp_dpo_curriculum.mining.reachable_rank_bands: expected {n_stages} [lo, hi] bands of 1-based "
+                f"beam ranks with 1 <= lo <= hi (easy, medium, hard), got {rb}"
+            )
         if not isinstance(m.exclude_later_positives, bool):
             raise ValueError("parameters sp_dpo_curriculum.mining.exclude_later_positives: expected true or false, "
                              f"got {m.exclude_later_positives!r}")
@@ -549,8 +587,6 @@ def transition_prompts(
     """SEQ prompts of training transitions that were *not* SEQ responses in SFT (SFT fits its own SEQ
     targets; DPO on them mostly re-teaches what the policy already ranks first), shuffled. Columns as
     `sample_prompts`. Falls back to nothing: an empty frame when every transition was an SFT target."""
-    from align3gr_pipelines.sft.prompts import seq_prompt
-
     for col in ("user_id", "history", "target"):
         if col not in train_sequences.columns:
             raise ValueError(f"train_sequences: missing column {col!r} (columns: {list(train_sequences.columns)})")
@@ -560,13 +596,178 @@ def transition_prompts(
     rows = []
     n_sft = 0
     for u, hist, target in zip(train_sequences["user_id"].astype(str), train_sequences["history"], train_sequences["target"].astype(str)):
-        hist = [str(i) for i in hist][-max_history:]
-        if not hist or target not in tok or any(i not in tok for i in hist):
+        prompt = _transition_prompt(u, hist, target, tok, user_tokens, max_history, template_id)
+        if prompt is None:
             continue
         if (u, target) in used:
             n_sft += 1
             continue
-        rows.append((seq_prompt([tok[i] for i in hist], (user_tokens or {}).get(u), template_id), u, target))
+        rows.append((prompt, u, target))
     out = pd.DataFrame(rows, columns=["prompt", "user_id", "target_item_id"])
     order = np.random.default_rng(seed).permutation(len(out))
     return out.iloc[order].reset_index(drop=True), {"transitions_that_were_sft_seq": n_sft, "unknown_targets": 0}
+
+
+def _transition_prompt(
+    user: str, history: Sequence[Any], target: str, tok: dict[str, str], user_tokens: dict[str, str] | None,
+    max_history: int, template_id: int,
+) -> str | None:
+    """The SEQ prompt of one training transition (the last ``max_history`` items), or None when the history is
+    empty or an item of it, or the target, has no SCID."""
+    from align3gr_pipelines.sft.prompts import seq_prompt
+
+    hist = [str(i) for i in history][-max_history:]
+    if not hist or target not in tok or any(i not in tok for i in hist):
+        return None
+    return seq_prompt([tok[i] for i in hist], (user_tokens or {}).get(user), template_id)
+
+
+def latest_transition_prompts(
+    train_sequences: pd.DataFrame,
+    item_ids: Sequence[str],
+    tokens: Sequence[str],
+    user_tokens: dict[str, str] | None,
+    max_history: int,
+    template_id: int,
+    seed: int,
+) -> pd.DataFrame:
+    """Each user's latest training transition (the largest `position`, else the longest history) as a SEQ
+    prompt, in a seeded order; columns as `sample_prompts`. The transition nearest the held-out items, and
+    the one whose target no later training item competes with (issue 25)."""
+    for col in ("user_id", "history", "target"):
+        if col not in train_sequences.columns:
+            raise ValueError(f"train_sequences: missing column {col!r} (columns: {list(train_sequences.columns)})")
+    order = train_sequences["position"] if "position" in train_sequences.columns else train_sequences["history"].map(len)
+    last = (train_sequences.assign(_order=order, _u=train_sequences["user_id"].astype(str))
+            .sort_values(["_u", "_order"], kind="stable").drop_duplicates("_u", keep="last"))
+    tok = dict(zip(map(str, item_ids), tokens))
+    rows = []
+    for u, hist, target in zip(last["_u"], last["history"], last["target"].astype(str)):
+        prompt = _transition_prompt(u, hist, target, tok, user_tokens, max_history, template_id)
+        if prompt is not None:
+            rows.append((prompt, u, target))
+    out = pd.DataFrame(rows, columns=["prompt", "user_id", "target_item_id"])
+    return out.iloc[np.random.default_rng([seed, 25]).permutation(len(out))].reset_index(drop=True)
+
+
+def prepend_prompts(first: pd.DataFrame, rest: pd.DataFrame) -> pd.DataFrame:
+    """``first``, then the rows of ``rest`` whose (user_id, target_item_id) is not in ``first``: the stages
+    take prompts from the top, so ``first`` is always considered."""
+    seen = set(zip(first["user_id"].astype(str), first["target_item_id"].astype(str)))
+    keep = [(str(u), str(t)) not in seen for u, t in zip(rest["user_id"], rest["target_item_id"])]
+    cols = ["prompt", "user_id", "target_item_id"]
+    return pd.concat([first[cols], rest.loc[keep, cols]], ignore_index=True)
+
+
+# ---------------------------------------------------------------- on-policy, reachable pairs (module docstring)
+
+
+def reachable_negatives(
+    chosen: int, beam: Sequence[int], n: int, exclude: Sequence[int] | np.ndarray = ()
+) -> tuple[int | None, list[int], int]:
+    """On-policy negatives of one prompt from the policy's beam (catalogue indices, best first, -1 = none).
+
+    Returns (the chosen item's 1-based beam rank, the rejected items, how many beam items ``exclude`` kept
+    out); (None, [], 0) when the chosen item is not in the beam: the prompt does not qualify. Rejected = the
+    items ranked above the chosen one, in rank order, then those below it, in rank order, at most ``n``;
+    never the chosen item, never an item of ``exclude``, never twice the same item."""
+    row = [int(i) for i in beam]
+    if chosen not in row:
+        return None, [], 0
+    rank = row.index(chosen) + 1
+    banned = {int(i) for i in exclude}
+    rejected: list[int] = []
+    n_excluded = 0
+    for i in row[: rank - 1] + row[rank:]:  # above the target, then below it
+        if i < 0 or i == chosen or i in rejected:
+            continue
+        if i in banned:
+            n_excluded += 1
+            continue
+        if len(rejected) < n:
+            rejected.append(i)
+    return rank, rejected, n_excluded
+
+
+def reachable_pairs(
+    prompts: pd.DataFrame,
+    item_ids: Sequence[str],
+    codes: torch.Tensor,
+    tokens: Sequence[str],
+    beam: np.ndarray,
+    n_negatives: int,
+    later: Sequence[np.ndarray] | None = None,
+    exclude_later_positives: bool = False,
+    rank_band: tuple[int, int] | None = None,
+    max_pairs: int | None = None,
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Reachable pairs of one stage from each prompt's decoded beam (`reachable_negatives`), in prompt order.
+    ``rank_band`` (1-based, inclusive): only prompts whose target's beam rank lies in it qualify (a curriculum
+    stage); ``max_pairs``: at most that many pairs. ``later`` as in `mine_pairs`. Same columns as `build_pairs`
+    (``filled`` is always 0); stats count the prompts considered, reachable (target anywhere in the beam) and
+    qualified, and the target's mean beam rank."""
+    if beam.shape[0] != len(prompts):
+        raise ValueError(f"reachable pairs: {beam.shape[0]} decoded beams for {len(prompts)} prompts")
+    position = {iid: i for i, iid in enumerate(item_ids)}
+    rows, ranks_reachable, ranks_used = [], [], []
+    n_qualified = n_dropped = n_over_cap = n_later_rejected = n_later_excluded = n_above = 0
+    for r, row in enumerate(prompts.itertuples(index=False)):
+        chosen = position[str(row.target_item_id)]
+        mine_later = later[r] if later is not None else np.empty(0, dtype=np.int64)
+        rank, rejected, excluded = reachable_negatives(
+            chosen, beam[r], n_negatives, mine_later if exclude_later_positives else ()
+        )
+        if rank is None:
+            continue
+        ranks_reachable.append(rank)
+        if rank_band is not None and not rank_band[0] <= rank <= rank_band[1]:
+            continue
+        n_qualified += 1
+        if not rejected:
+            n_dropped += 1
+            continue
+        if max_pairs is not None and len(rows) >= max_pairs:
+            n_over_cap += 1
+            continue
+        n_later_excluded += excluded
+        n_later_rejected += int(np.isin(rejected, mine_later).sum())
+        above = {int(x) for x in beam[r][: rank - 1]}
+        n_above += sum(i in above for i in rejected)
+        ranks_used.append(rank)
+        rows.append(
+            {
+                "prompt": row.prompt, "user_id": str(row.user_id), "chosen": item_ids[chosen], "chosen_tokens": tokens[chosen],
+                "rejected": [item_ids[i] for i in rejected], "rejected_tokens": [tokens[i] for i in rejected],
+                "overlap": shared_prefix_length(codes[rejected], codes[chosen]).tolist(),
+                "n_generated": len(rejected), "filled": 0,
+            }
+        )
+    pairs = pd.DataFrame(rows, columns=PAIR_COLUMNS)
+    n_rej = int(pairs["rejected"].map(len).sum()) if len(pairs) else 0
+    n = len(prompts)
+    stats = {
+        "n_prompts": float(n),
+        "n_prompts_considered": float(n),
+        # target anywhere in the beam / also in the stage's rank band (= reachable without a band)
+        "n_prompts_reachable": float(len(ranks_reachable)),
+        "reachable_share": len(ranks_reachable) / n if n else 0.0,
+        "n_prompts_qualified": float(n_qualified),
+        "qualified_share": n_qualified / n if n else 0.0,
+        "n_prompts_over_cap": float(n_over_cap),
+        "n_pairs": float(len(pairs)),
+        "n_dropped_no_negative": float(n_dropped),
+        # 1-based beam rank of the chosen item: over the pairs kept, and over every reachable prompt
+        "mean_target_rank": float(np.mean(ranks_used)) if ranks_used else float("nan"),
+        "mean_target_rank_reachable": float(np.mean(ranks_reachable)) if ranks_reachable else float("nan"),
+        "n_rejected_above_target": float(n_above),
+        "mean_rejected_per_pair": n_rej / len(pairs) if len(pairs) else 0.0,
+        "n_rejected_generated": float(n_rej),
+        "n_rejected_filled": 0.0,
+        "pairs_with_fill_fraction": 0.0,
+        "filled_fraction": 0.0,
+        "beam_fraction": 1.0 if n_rej else 0.0,
+        "n_rejected_later_positive": float(n_later_rejected) if later is not None else float("nan"),
+        "later_positive_fraction": (n_later_rejected / n_rej if n_rej else 0.0) if later is not None else float("nan"),
+        "n_later_positive_candidates_excluded": float(n_later_excluded) if later is not None else float("nan"),
+    }
+    return pairs, stats

@@ -39,8 +39,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
             Node(
                 _for_stage(train_rf_stage, stage),
-                inputs=[INPUT_POLICY[stage], f"rf_dpo_pairs_{stage}", "rf_dpo_feedback_levels", "item_scids",
-                        "seq_eval_prompts", "params:rf_dpo", "params:seed"],
+                inputs=[INPUT_POLICY[stage], f"rf_dpo_pairs_{stage}", f"rf_dpo_recommendations_{stage}",
+                        "rf_dpo_feedback_levels", "item_scids", "seq_eval_prompts", "params:rf_dpo", "params:seed"],
                 outputs=[f"rf_dpo_model_{stage}", f"rf_dpo_metrics_{stage}", f"rf_dpo_plot_{stage}"],
                 name=f"train_rf_dpo_{stage}",
             ),

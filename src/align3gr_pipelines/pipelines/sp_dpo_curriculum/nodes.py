@@ -12,6 +12,10 @@ Ablation modes (paper Table 5), parameter `mode`:
 - `random`: plain Softmax-DPO with uniformly random catalogue negatives, one stage (the `hard` slot).
 The single stage of the last two modes gets as many prompts as the three curriculum stages together,
 so every mode spends the same training budget. `sp_dpo_model_hard` is always the final policy.
+
+`mining.pairs: reachable` (issue 25; `self_play` module docstring): on-policy pairs from the stage's own beam,
+only for prompts whose target the beam holds; in curriculum mode each stage decodes the one-stage modes'
+prompt pool and keeps the prompts whose target's beam rank lies in its band. Not with `mode: random`.
 """
 from __future__ import annotations
 
@@ -62,10 +66,15 @@ def _stage_index(stage: str) -> int:
 def _prompts(sft_examples, train_sequences, user_scids, item_ids, tokens, params, seed: int, stage: str) -> pd.DataFrame:
     pcfg = dict(params.get("prompts", {}))
     source = pcfg.get("source", "sft_seq")
+    latest = pcfg.get("include_latest_transition", False)
+    if not isinstance(latest, bool):
+        raise ValueError(f"parameters sp_dpo_curriculum.prompts.include_latest_transition: expected true or false, got {latest!r}")
+    users = None
+    if source == "non_sft_transitions" or latest:
+        users = self_play.user_tokens_like_sft(sft_examples, user_scids, pcfg.get("user_scid_in_prompt", "auto"))
     if source == "sft_seq":
         prompts, info = self_play.sample_prompts(sft_examples, item_ids, seed)
     elif source == "non_sft_transitions":
-        users = self_play.user_tokens_like_sft(sft_examples, user_scids, pcfg.get("user_scid_in_prompt", "auto"))
         prompts, info = self_play.transition_prompts(
             train_sequences, sft_examples, item_ids, tokens, users, int(pcfg.get("max_history", 10)), int(pcfg.get("template_id", 0)), seed
         )
@@ -74,6 +83,12 @@ def _prompts(sft_examples, train_sequences, user_scids, item_ids, tokens, params
             prompts, info = self_play.sample_prompts(sft_examples, item_ids, seed)
     else:
         raise ValueError(f"parameters sp_dpo_curriculum.prompts.source: expected sft_seq or non_sft_transitions, got {source!r}")
+    if latest:
+        first = self_play.latest_transition_prompts(
+            train_sequences, item_ids, tokens, users, int(pcfg.get("max_history", 10)), int(pcfg.get("template_id", 0)), seed
+        )
+        prompts = self_play.prepend_prompts(first, prompts)
+        info = {**info, "latest_transitions": len(first)}
     log.info("sp_dpo %s: %d candidate prompts from %s (%s)", stage, len(prompts), source, info)
     return prompts
 
@@ -96,10 +111,15 @@ def build_self_play_pairs(
     if n_neg < 1 or per_stage < 1:
         raise ValueError(f"sp_dpo_curriculum: n_negatives and prompts_per_stage must be >= 1, got {n_neg}, {per_stage}")
     mining = self_play.Mining.from_params(params.get("mining"), n_stages)
+    reachable = mining.pairs == "reachable"
+    if reachable and mode == "random":
+        raise ValueError("parameters sp_dpo_curriculum.mining.pairs: reachable pairs come from the policy's own beam; "
+                         "mode random draws uniform negatives (use bucketed, or mode curriculum / no_curriculum)")
     prompts = _prompts(sft_examples, train_sequences, user_scids, item_ids, tokens, params, int(seed), stage)
     # Disjoint prompt subsets per curriculum stage (wrapping round when there are too few); the single
-    # stage of the ablation modes takes all three subsets.
-    if mode == "curriculum":
+    # stage of the ablation modes takes all three subsets, and so does every stage with reachable pairs
+    # (its rank band then picks its prompts).
+    if mode == "curriculum" and not reachable:
         take = np.arange(_stage_index(stage) * per_stage, (_stage_index(stage) + 1) * per_stage) % len(prompts)
     else:
         take = np.arange(n_stages * per_stage) % len(prompts)
@@ -110,6 +130,23 @@ def build_self_play_pairs(
     if mode == "random":
         pairs, stats = self_play.build_pairs(prompts, item_ids, codes, tokens, None, None, n_neg, rng)
         buckets = None
+    elif reachable:
+        band = mining.reachable_rank_bands[_stage_index(stage)] if mode == "curriculum" else None
+        beam = self_play.decode_candidates(
+            policy, prompts["prompt"].tolist(), item_scids, item_ids, beam_width=mining.reachable_beam_width,
+            top_k=mining.reachable_beam_width, batch_size=int(dec.get("batch_size", 32)), show_progress=bool(dec.get("show_progress", True)),
+        )
+        later = self_play.later_positives(train_sequences, prompts, item_ids)
+        pairs, stats = self_play.reachable_pairs(
+            prompts, item_ids, codes, tokens, beam, n_neg, later, mining.exclude_later_positives, band,
+            per_stage if mode == "curriculum" else None,
+        )
+        buckets = f"reachable, target beam rank {list(band) if band else 'any'} of {mining.reachable_beam_width}"
+        log.info(
+            "sp_dpo %s (reachable): %d prompts considered, %d with the target in the beam (%.1f%%), %d in rank band %s, "
+            "mean target rank %.2f", stage, stats["n_prompts_considered"], stats["n_prompts_reachable"],
+            100 * stats["reachable_share"], stats["n_prompts_qualified"], band, stats["mean_target_rank"],
+        )
     else:
         stage_i = _stage_index(stage) if mode == "curriculum" else None
         quotas = (
@@ -133,9 +170,18 @@ def build_self_play_pairs(
         100 * stats.get("filled_fraction", 0.0), stats["n_dropped_no_negative"],
         stats.get("n_rejected_later_positive", "n/a"), stats.get("n_later_positive_candidates_excluded", "n/a"),
     )
+    if len(pairs) == 0 and reachable:
+        raise ValueError(
+            f"sp_dpo {stage}: no reachable preference pair: of {len(prompts)} prompts, {int(stats['n_prompts_reachable'])} had "
+            f"their target in the policy's beam of {mining.reachable_beam_width} and {int(stats['n_prompts_qualified'])} in "
+            f"this stage's rank band; raise prompts_per_stage or mining.reachable_beam_width, or widen reachable_rank_bands"
+        )
     if len(pairs) == 0:
         raise ValueError(f"sp_dpo {stage}: no preference pair could be built (no catalogue item in buckets {buckets})")
-    return pairs, {"scalars": stats, "info": {"mode": mode, "mining": str(mining), "buckets": str(buckets)}}
+    info = {"mode": mode, "mining": str(mining), "buckets": str(buckets)}
+    if reachable:
+        info["pairs"] = "reachable"
+    return pairs, {"scalars": stats, "info": info}
 
 
 def train_self_play_stage(

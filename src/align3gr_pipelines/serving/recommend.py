@@ -18,6 +18,11 @@ The same class backs the Python API, the Kedro `inference` pipeline and the MLfl
 (`recommender_model.py`), so the three give identical lists for the same request. A request's list does
 not depend on the other requests decoded with it; only its scores may differ in the last float bits when
 left padding in a batch differs.
+
+`ranker` picks what orders the list: ``lm`` (the default) is the LM's constrained beam, as evaluation's LM
+rows; ``align3gr_cf`` is the hybrid of `evaluation.hybrid_ranker` (the beam ∪ SASRec's top-``cf_candidates``,
+scored by the LM's exact log-probability + ``cf_weight`` × SASRec's log-softmax), as evaluation's
+`align3gr_cf` row, with the weight evaluation chose on valid users set by hand in the parameters.
 """
 from __future__ import annotations
 
@@ -33,7 +38,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
+from align3gr_pipelines.evaluation.hybrid_ranker import MODEL as HYBRID
+from align3gr_pipelines.evaluation.hybrid_ranker import RANKERS, check_weight, rank_candidates, score_candidates, weight_label
 from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts
 from align3gr_pipelines.lm.rec_lm import RecLM
 from align3gr_pipelines.sft.prompts import seq_prompt
@@ -237,7 +245,21 @@ class Recommender:
         unknown_user: str = "anonymous",
         stage: str = "lm",
         limits: RequestLimits = RequestLimits(),
+        ranker: str = "lm",
+        sasrec: Any | None = None,
+        cf_weight: float = 1.0,
+        cf_candidates: int | None = None,
     ) -> None:
+        if ranker not in RANKERS:
+            raise ValueError(f"ranker must be one of {list(RANKERS)}, got {ranker!r}")
+        if ranker == HYBRID and sasrec is None:
+            raise ValueError(f"ranker {HYBRID!r} needs the SASRec model (the tokenization stage's sasrec_model checkpoint); "
+                             "run tokenization, or use ranker 'lm'")
+        if cf_candidates is not None and int(cf_candidates) < 0:
+            raise ValueError(f"cf_candidates must be >= 0 or null (null: beam_width), got {cf_candidates}")
+        self.ranker, self.sasrec = ranker, sasrec if ranker == HYBRID else None
+        self.cf_weight = check_weight(cf_weight)
+        self.cf_candidates = int(beam_width if cf_candidates is None else cf_candidates)
         if unknown_user not in UNKNOWN_USER_MODES:
             raise ValueError(f"unknown_user must be one of {UNKNOWN_USER_MODES}, got {unknown_user!r}")
         if int(beam_width) < 1 or int(batch_size) < 1:
@@ -268,13 +290,19 @@ class Recommender:
     def n_items(self) -> int:
         return self.catalog.n_items
 
+    @property
+    def label(self) -> str:
+        """The `model` of the lists: the stage, marked when the hybrid ranks them."""
+        return self.stage if self.ranker == "lm" else f"{self.stage}+{HYBRID}"
+
     @classmethod
     def from_checkpoint(
         cls, checkpoint: str | Path, item_scids: pd.DataFrame, items: pd.DataFrame | None, user_scids: pd.DataFrame | None,
-        prompt: PromptSettings, *, device: str | None = "auto", stage: str | None = None, **kwargs: Any,
+        prompt: PromptSettings, *, device: str | None = "auto", stage: str | None = None, dtype: str = "checkpoint",
+        **kwargs: Any,
     ) -> "Recommender":
         path = Path(checkpoint)
-        rec_lm = RecLM.from_pretrained(str(path), device=device)
+        rec_lm = RecLM.from_pretrained(str(path), device=device, dtype=dtype)  # dtype: lm.precision
         if rec_lm.meta.get("skipped"):
             log.info("recommender: %s is a skipped (pass-through) stage: the previous stage's weights", path)
         rec = cls(rec_lm, item_scids, items, user_scids, prompt, stage=stage or path.name, **kwargs)
@@ -306,7 +334,8 @@ class Recommender:
         self, requests: Sequence[Request | Mapping[str, Any]], names: Sequence[str] | None = None
     ) -> list[list[dict[str, Any]]]:
         """One ranked list per request: dicts with rank (1-based), item_id, title, score (the summed log-
-        probability of the item's SCID tokens). All requests are checked (`parse_requests`, this
+        probability of the item's SCID tokens; with the `align3gr_cf` ranker its hybrid score, SASRec's
+        log-softmax at cf_weight = inf). All requests are checked (`parse_requests`, this
         recommender's `limits`) before any is decoded; an error names the request by ``names[n]``
         (default "request n")."""
         return self._decode(parse_requests(requests, self.limits, names), names)
@@ -324,7 +353,15 @@ class Recommender:
         for width, members in sorted(groups.items()):
             prompts = [self.prompt_for(parsed[n]) for n in members]
             top = max(parsed[n].k for n in members)
-            idx, score = decode_prompts(self.rec_lm, prompts, self.catalog, beam_width=width, top_k=top, batch_size=self.batch_size)
+            if self.ranker == HYBRID:
+                # The whole beam is the LM's candidate list (as evaluation's LM rows keep top_k = beam width).
+                beam, _ = decode_prompts(self.rec_lm, prompts, self.catalog, beam_width=width, top_k=width, batch_size=self.batch_size)
+                cands = score_candidates(self.rec_lm, self.sasrec, self.catalog, prompts, [parsed[n].history for n in members],
+                                         beam.numpy(), cf_candidates=self.cf_candidates, batch_size=self.batch_size)
+                idx_np, score_np = rank_candidates(cands, self.cf_weight, top)
+                idx, score = torch.as_tensor(idx_np), torch.as_tensor(score_np)
+            else:
+                idx, score = decode_prompts(self.rec_lm, prompts, self.catalog, beam_width=width, top_k=top, batch_size=self.batch_size)
             for row, n in enumerate(members):
                 k = parsed[n].k
                 picked = idx[row, :k].tolist()
@@ -358,27 +395,41 @@ class Recommender:
         # An offline table may hold any number of requests (they are decoded in batches): no per-call bound.
         parsed = parse_requests(raw, RequestLimits(None, self.limits.max_history_items), names, what="requests table")
         lists = self._decode(parsed, names)
-        rows = [{"request_id": rid, "user_id": req.user_id, **item, "model": self.stage} for rid, req, lst in zip(ids, parsed, lists) for item in lst]
+        rows = [{"request_id": rid, "user_id": req.user_id, **item, "model": self.label} for rid, req, lst in zip(ids, parsed, lists) for item in lst]
         frame = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
         return frame.astype({"request_id": "str", "rank": "int64", "item_id": "str", "title": "str", "score": "float64", "model": "str"})
 
     def settings(self) -> dict[str, Any]:
-        return {"prompt": asdict(self.prompt), "beam_width": self.beam_width, "batch_size": self.batch_size,
-                "unknown_user": self.unknown_user, "stage": self.stage, "limits": asdict(self.limits)}
+        out = {"prompt": asdict(self.prompt), "beam_width": self.beam_width, "batch_size": self.batch_size,
+               "unknown_user": self.unknown_user, "stage": self.stage, "limits": asdict(self.limits)}
+        if self.ranker != "lm":  # an LM-only recommender's settings stay as they were before the hybrid
+            out.update(ranker=self.ranker, cf_weight=weight_label(self.cf_weight), cf_candidates=self.cf_candidates)
+        return out
 
 
 def build_recommender(
     item_scids: pd.DataFrame, items: pd.DataFrame | None, user_scids: pd.DataFrame | None,
-    sft_data_params: Mapping[str, Any], params: Mapping[str, Any],
+    sft_data_params: Mapping[str, Any], params: Mapping[str, Any], sasrec: Any | None = None,
 ) -> Recommender:
     """The recommender the `inference` parameters describe: the checkpoint they name (or the newest stage
-    under `models_dir`), prompts shaped by the `sft_data` parameters (as `seq_eval_prompts` is)."""
+    under `models_dir`), prompts shaped by the `sft_data` parameters (as `seq_eval_prompts` is), ranked by
+    `inference.ranker` (``align3gr_cf`` needs ``sasrec``, the tokenization stage's model)."""
+    ranker = str(params.get("ranker", "lm"))
+    if ranker not in RANKERS:
+        raise ValueError(f"inference.ranker must be one of {list(RANKERS)}, got {ranker!r}")
+    if ranker == HYBRID and sasrec is None:
+        raise ValueError(f"inference.ranker is {HYBRID!r} but there is no sasrec_model checkpoint (06_models/sasrec); "
+                         "run the tokenization stage, or set inference.ranker: lm")
     stage, path = resolve_checkpoint(params["models_dir"], params.get("checkpoint"))
-    log.info("recommender: checkpoint %s (%s)", path, stage)
+    log.info("recommender: checkpoint %s (%s), ranker %s", path, stage, ranker)
+    hybrid = {} if ranker == "lm" else {
+        "ranker": ranker, "sasrec": sasrec, "cf_weight": check_weight(params.get("cf_weight", 1.0), "inference.cf_weight"),
+        "cf_candidates": params.get("cf_candidates")}
     return Recommender.from_checkpoint(
         path, item_scids, items, user_scids, PromptSettings.from_sft_data(sft_data_params), device=params.get("device", "auto"),
+        dtype=str(params.get("dtype", "checkpoint")),
         stage=stage, beam_width=int(params["beam_width"]), batch_size=int(params["batch_size"]),
-        unknown_user=str(params.get("unknown_user", "anonymous")), limits=limits_from_params(params),
+        unknown_user=str(params.get("unknown_user", "anonymous")), limits=limits_from_params(params), **hybrid,
     )
 
 
@@ -417,5 +468,8 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     raw = json.loads(Path(path).read_text())
     # A model logged before request limits existed gets the defaults.
     limits = RequestLimits(**raw["limits"]) if "limits" in raw else RequestLimits()
+    # A model logged before the hybrid ranker existed (or an LM-only one) ranks by the LM.
+    hybrid = {"ranker": str(raw.get("ranker", "lm")), "cf_weight": float(raw.get("cf_weight", 1.0)),
+              "cf_candidates": raw.get("cf_candidates")}
     return {"prompt": PromptSettings(**raw["prompt"]), "beam_width": int(raw["beam_width"]), "batch_size": int(raw["batch_size"]),
-            "unknown_user": str(raw["unknown_user"]), "stage": str(raw["stage"]), "limits": limits}
+            "unknown_user": str(raw["unknown_user"]), "stage": str(raw["stage"]), "limits": limits, **hybrid}

@@ -2,8 +2,9 @@
 REST requests with the same lists as `recommend.Recommender`.
 
 The logged model carries everything it needs as artifacts: the LM checkpoint directory, `item_scids`,
-the item titles, `user_scids` and the recommender's settings (prompt shape, beam width). The project's
-package is logged with it as code, so a served model does not depend on the project's working tree.
+the item titles, `user_scids` and the recommender's settings (prompt shape, beam width, ranker), and, when
+it ranks with the `align3gr_cf` hybrid, the SASRec model. The project's package is logged with it as code,
+so a served model does not depend on the project's working tree.
 
 REST payload::
 
@@ -43,6 +44,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+from align3gr_pipelines.cf.sasrec import SASRec
 from align3gr_pipelines.lm.rec_lm import PACKAGE_PREFIX
 from align3gr_pipelines.serving.recommend import Recommender, RequestError, quote, read_settings, write_settings
 
@@ -113,10 +115,12 @@ with _unvalidated_requests():
             art = context.artifacts
             settings = read_settings(art["settings"])
             user_scids = pd.read_parquet(art["user_scids"]) if "user_scids" in art else None
+            sasrec = SASRec.from_pretrained(art["sasrec"]) if "sasrec" in art else None
             self.recommender = Recommender.from_checkpoint(
                 art["checkpoint"], pd.read_parquet(art["item_scids"]), pd.read_parquet(art["items"]), user_scids,
                 settings["prompt"], beam_width=settings["beam_width"], batch_size=settings["batch_size"],
                 unknown_user=settings["unknown_user"], stage=settings["stage"], limits=settings["limits"],
+                ranker=settings["ranker"], sasrec=sasrec, cf_weight=settings["cf_weight"], cf_candidates=settings["cf_candidates"],
             )
             log.info("recommender: serving %s with %s torch thread(s)", settings["stage"], torch.get_num_threads())
 
@@ -146,6 +150,8 @@ def _requirements(recommender: Recommender) -> list[str]:
         dists += packages_distributions().get(name[len(PACKAGE_PREFIX):], [])
     if base.get("gguf_file"):
         dists.append("gguf")
+    if recommender.sasrec is not None:  # cf.sasrec reads safetensors; the hybrid's scorer lives in cf.baselines
+        dists += ["numpy", "scipy", "safetensors"]
     out = []
     for dist in dict.fromkeys(dists):
         try:
@@ -174,6 +180,9 @@ def log_recommender(recommender: Recommender, name: str = MODEL_NAME) -> str:
             artifacts["user_scids"] = str(root / "user_scids.parquet")
             users = recommender.user_tokens
             pd.DataFrame({"id": list(users), "tokens": list(users.values())}).to_parquet(artifacts["user_scids"], index=False)
+        if recommender.sasrec is not None:
+            artifacts["sasrec"] = str(root / "sasrec")
+            recommender.sasrec.save_pretrained(artifacts["sasrec"])
         active = mlflow.active_run()
         run = active or mlflow.start_run()
         try:

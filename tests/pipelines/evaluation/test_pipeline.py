@@ -132,7 +132,8 @@ def test_pipeline_without_dpo_stages(tiny_data, checkpoints, tmp_path):
     assert "## Time per model" in md and "| sasrec_bce |" in md and "fitted here in" in md
     assert md.count("ms / user") == 1  # one timing table
     skipped = {s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]}
-    assert skipped == {"sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard"}
+    # align3gr_cf is off in PARAMS (no `align3gr_cf` block): skipped with the reason
+    assert skipped == {"align3gr_cf", "sp_dpo_easy", "sp_dpo_medium", "sp_dpo_hard", "rf_dpo_easy", "rf_dpo_hard"}
     # the LM's recommendations are its constrained beam search on the seq_eval_prompts
     from align3gr_pipelines.lm.rec_lm import RecLM
 
@@ -150,7 +151,7 @@ def test_pipeline_with_dpo_stages(tiny_data, checkpoints, tmp_path):
     # sp_dpo_medium is marked skipped (an ablation passed it through unchanged): left out of the table
     check_common(out, tiny_data, ["most_popular", "item_knn", "sasrec", "sasrec_bce", "sft", "sp_dpo_easy", "sp_dpo_hard",
                                   "rf_dpo_easy", "rf_dpo_hard"])
-    assert [s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]] == ["sp_dpo_medium"]
+    assert [s["model"] for s in out["evaluation_metrics_json"]["info"]["skipped"]] == ["align3gr_cf", "sp_dpo_medium"]
     # sp_dpo_hard kept its input policy: sp_dpo_easy's rows under its own name (its own weights differ here,
     # so identical rows show it was not decoded), and the run info and Markdown say so
     recs = out["recommendations"]
@@ -161,6 +162,24 @@ def test_pipeline_with_dpo_stages(tiny_data, checkpoints, tmp_path):
     assert info["sp_dpo_easy"]["decoded"] is True and info["rf_dpo_easy"]["decoded"] is True
     assert "| sp_dpo_hard | – | – | reused from sp_dpo_easy: selection kept the input policy |" in out["evaluation_metrics_md"]
     assert out["evaluation_stage_report"]["test"]["sp_dpo_hard"]["changed_share"] == 0.0
+
+
+def test_align3gr_cf_row_at_w_inf_is_sasrecs_list_and_a_grid_chooses_on_valid(tiny_data, checkpoints, tmp_path):
+    hybrid = {"enabled": True, "weights": [float("inf")], "cf_candidates": 20, "select_k": 10, "batch_size": 8}
+    out = run(tiny_data, checkpoints, {"sft_model"}, tmp_path, params={**PARAMS, "align3gr_cf": hybrid})
+    recs = out["recommendations"]
+    lists = {m: recs[recs["model"] == m].sort_values(["split", "user_id", "rank"])[["split", "user_id", "rank", "item_id"]]
+             .reset_index(drop=True) for m in ("sasrec", "align3gr_cf")}
+    pd.testing.assert_frame_equal(lists["align3gr_cf"], lists["sasrec"])  # w = inf: SASRec's order
+    info = {m["model"]: m for m in out["evaluation_metrics_json"]["info"]["models"]}
+    assert info["align3gr_cf"]["cf_weight"] == "inf" and info["align3gr_cf"]["lm"] == "sft"
+    grid = {**hybrid, "weights": [0.0, 1.0, float("inf")]}
+    out = run(tiny_data, checkpoints, {"sft_model"}, tmp_path, params={**PARAMS, "align3gr_cf": grid})
+    info = {m["model"]: m for m in out["evaluation_metrics_json"]["info"]["models"]}["align3gr_cf"]
+    scores = info["selection"]["valid_recall"]  # per weight: Recall@10 on the select and the confirm half
+    assert len(scores) == 3 and info["cf_weight"] == info["selection"]["chosen_w"]
+    assert scores[info["cf_weight"]]["select"] == max(v["select"] for v in scores.values())
+    assert "align3gr_cf" in set(out["evaluation_metrics"]["model"])
 
 
 def test_metrics_are_deterministic_and_skip_the_paired_test_without_sasrec(tiny_data):

@@ -36,6 +36,8 @@ from align3gr_pipelines.evaluation.report import (  # noqa: F401 (plot_compariso
     metrics_markdown,
     plot_comparison,
 )
+from align3gr_pipelines.evaluation.hybrid_ranker import MODEL as HYBRID
+from align3gr_pipelines.evaluation.hybrid_ranker import hybrid_recommendations
 from align3gr_pipelines.evaluation.sasrec_bce import bce_settings, train_sasrec_bce
 from align3gr_pipelines.evaluation.stage_reuse import kept_input_policy, reuse_input_rows
 from align3gr_pipelines.evaluation.timing import insert_section, timing_markdown, timing_scalars
@@ -275,6 +277,24 @@ def lm_node_func(stage: str) -> Callable[..., Any]:
     update_wrapper(run, recommend_with_lm)
     run.__name__ = run.__qualname__ = f"recommend_{LM_STAGES[stage]}"
     return run
+
+
+def recommend_align3gr_cf(rec_lm: Any, sasrec_model: Any, eval_prompts: pd.DataFrame, eval_cases: pd.DataFrame,
+                          lm_recs: pd.DataFrame, lm_info: dict[str, Any], item_scids: pd.DataFrame, params: dict[str, Any],
+                          seed: int):
+    """The `align3gr_cf` row (issue 26, beyond the paper): the LM's beam (its rows decoded above) united with
+    SASRec's top-N, ranked by the LM's exact item log-prob + w x SASRec's log-softmax, w chosen on valid
+    (`evaluation/hybrid_ranker.py`)."""
+    cfg = dict(params.get("align3gr_cf") or {})
+    if not cfg.get("enabled", False):
+        return empty_recs(), {"model": HYBRID, "kind": "hybrid", "skipped": "evaluation.align3gr_cf.enabled is false"}
+    with _torch_threads(params.get("torch_threads")):
+        return hybrid_recommendations(
+            rec_lm, sasrec_model, eval_prompts, eval_cases, lm_recs, item_scids,
+            weights=[float(w) for w in cfg["weights"]], cf_candidates=int(cfg["cf_candidates"]), top_k=int(params["top_k"]),
+            select_k=int(cfg["select_k"]), seed=int(seed), batch_size=int(cfg["batch_size"]),
+            show_progress=bool(params.get("show_progress")), lm_label=lm_info.get("model"),
+        )
 
 
 def combine_recommendations(*parts: Any) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -14,6 +14,7 @@ from .nodes import (
     fit_sasrec_bce,
     lm_node_func,
     plot_comparison,
+    recommend_align3gr_cf,
     recommend_item_knn,
     recommend_most_popular,
     recommend_sasrec,
@@ -35,6 +36,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         node(recommend_sasrec_bce, ["eval_cases", "sasrec_bce_model", "sasrec_bce_log", "item_scids", params],
              ["eval_recs_sasrec_bce", "eval_info_sasrec_bce"], name="recommend_sasrec_bce"),
     ]
+    # The hybrid reads the SFT checkpoint's beam rows (SFT is always decoded; a DPO stage that kept its input
+    # has no rows of its own), so it sits with the baselines, before the LM stages.
+    recommenders.append(
+        node(recommend_align3gr_cf, ["sft_model", "sasrec_model", "eval_prompts", "eval_cases", "eval_recs_sft", "eval_info_sft",
+                                     "item_scids", params, "params:seed"],
+             ["eval_recs_align3gr_cf", "eval_info_align3gr_cf"], name="recommend_align3gr_cf")
+    )
     for dataset, label in LM_STAGES.items():
         recommenders.append(
             node(lm_node_func(dataset), [dataset, "eval_prompts", "item_scids", params],

@@ -15,10 +15,12 @@ log = logging.getLogger(__name__)
 
 
 def load_recommender_node(
-    item_scids: pd.DataFrame, items: pd.DataFrame, user_scids: pd.DataFrame, sft_data_params: dict[str, Any], params: dict[str, Any]
+    item_scids: pd.DataFrame, items: pd.DataFrame, user_scids: pd.DataFrame, sasrec_model: Any, sft_data_params: dict[str, Any],
+    params: dict[str, Any],
 ) -> Recommender:
-    """The checkpoint named by `inference.checkpoint` (null: the newest stage), prompts as sft_data shapes them."""
-    return build_recommender(item_scids, items[["item_id", "title"]], user_scids, sft_data_params, params)
+    """The checkpoint named by `inference.checkpoint` (null: the newest stage), prompts as sft_data shapes them,
+    ranked by `inference.ranker` (SASRec, None when never trained, is used by the `align3gr_cf` hybrid only)."""
+    return build_recommender(item_scids, items[["item_id", "title"]], user_scids, sft_data_params, params, sasrec=sasrec_model)
 
 
 def recommend_requests(recommender: Recommender, inference_requests: pd.DataFrame, params: dict[str, Any]) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -28,8 +30,8 @@ def recommend_requests(recommender: Recommender, inference_requests: pd.DataFram
     recs = recommender.recommend_frame(inference_requests, default_k=int(params["default_k"]))
     seconds = time.perf_counter() - t0
     n = len(inference_requests)
-    log.info("inference: %d requests answered by %s in %.1f s", n, recommender.stage, seconds)
-    info = {"model": recommender.stage, "checkpoint": str(recommender.checkpoint_dir), "n_requests": n,
+    log.info("inference: %d requests answered by %s in %.1f s", n, recommender.label, seconds)
+    info = {"model": recommender.label, "checkpoint": str(recommender.checkpoint_dir), "n_requests": n,
             "seconds": seconds, "ms_per_request": 1000 * seconds / max(n, 1), **recommender.settings()}
     return recs, info
 
@@ -43,7 +45,7 @@ def log_servable_model(recommender: Recommender, inference_info: dict[str, Any],
         return {"logged": False, "reason": "inference.log_model is false"}
     reused = params.get("reuse_model_uri")
     uri = str(reused) if reused else log_recommender(recommender, name=str(params.get("model_name", "recommender")))
-    return {"logged": not reused, "model_uri": uri, "model": recommender.stage, "checkpoint": str(recommender.checkpoint_dir),
+    return {"logged": not reused, "model_uri": uri, "model": recommender.label, "checkpoint": str(recommender.checkpoint_dir),
             "answered_requests": int(inference_info["n_requests"]),
             **({"reason": "same checkpoint, catalogue and settings as this logged model"} if reused else {}),
             "serve": f"python -m align3gr_pipelines.serving.server -m {uri} --host 127.0.0.1 --port 5001"}

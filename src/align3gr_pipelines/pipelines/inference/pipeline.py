@@ -12,7 +12,7 @@ def create_pipeline(**kwargs) -> Pipeline:
     return stage_pipeline(
         "inference",
         [
-            node(load_recommender_node, ["item_scids", "items", "user_scids", "params:sft_data", params],
+            node(load_recommender_node, ["item_scids", "items", "user_scids", "sasrec_model", "params:sft_data", params],
                  "inference_recommender", name="load_recommender"),
             node(recommend_requests, ["inference_recommender", "inference_requests", params],
                  ["inference_recommendations", "inference_info"], name="recommend_requests"),

@@ -45,8 +45,10 @@ def load_recommender(
     with _cwd(root):
         catalog = DataCatalog.from_config(loader["catalog"])
         items = catalog.load("items")
+        # SASRec is read only when the hybrid ranks (an LM-only recommender never touches it).
+        sasrec = catalog.load("sasrec_model") if inference.get("ranker", "lm") != "lm" else None
         recommender = build_recommender(catalog.load("item_scids"), items[["item_id", "title"]], catalog.load("user_scids"),
-                                        parameters["sft_data"], inference)
+                                        parameters["sft_data"], inference, sasrec=sasrec)
         if recommender.checkpoint_dir is not None and not recommender.checkpoint_dir.is_absolute():
             recommender.checkpoint_dir = root / recommender.checkpoint_dir
     return recommender

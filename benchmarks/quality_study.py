@@ -656,6 +656,15 @@ PAIRS = [
     (("Table 4: SFT tasks", "SEQ"), ("Table 4: SFT tasks", "+ B2 + user SCID (full SFT)")),  # all tasks vs SEQ
     (("Table 4: SFT tasks", "+ B1 (intention, preference)"), ("Table 4: SFT tasks", "+ B2 + user SCID (full SFT)")),
     (("Table 3: tokenization (after SFT)", "Item-only SCIDs"), ("Table 3: tokenization (after SFT)", "Dual SCIDs (full)")),
+    (("Table 1: overall", "SASRec"), ("Table 4: SFT tasks", "SEQ")),  # the LM at its best task mix vs our SASRec
+    (("Table 1: overall", "Item-kNN"), ("Table 4: SFT tasks", "SEQ")),
+    # issue 25: the new preference recipe against SFT and against the paper's curriculum; RF on rating data
+    (("Table 5: DPO", "SFT only"), ("Table 5: DPO", "SP-DPO reachable, de-noised, NDCG selection (issue 25)")),
+    (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "SP-DPO reachable, de-noised, NDCG selection (issue 25)")),
+    (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "+ RF-DPO, hard stage liked vs top-ranked disliked (issue 25)")),
+    # issue 26: the hybrid against our SASRec and against the LM alone
+    (("Beyond the paper", "SASRec (CE)"), ("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)")),
+    (("Beyond the paper", "LM alone (SFT)"), ("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)")),
 ]
 
 

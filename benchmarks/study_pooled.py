@@ -12,6 +12,9 @@ from align3gr_pipelines.evaluation.paired_stats import per_case_metrics, pooled_
 
 PER_CASE_FILE = "per_case.parquet"
 POOLED_METRICS = ("recall@10", "ndcg@10")
+# Head-of-list metrics (issue 25: preference optimisation acts there), pooled where a job's per-case file has
+# them (jobs written before 2026-12-03 session 3 lack them; their pairs then show recall@10 and ndcg@10 only).
+HEAD_METRICS = ("recall@1", "mrr@10")
 
 
 def write_per_case(data: Path, dst: Path) -> bool:
@@ -26,7 +29,7 @@ def write_per_case(data: Path, dst: Path) -> bool:
     cases = pd.DataFrame({"split": "test", "user_id": test["user_id"].astype(str), "target": test["target"].astype(str)})
     if "case" in recommendations.columns:  # several held-out cases per user: keyed by their position
         cases["case"] = test["position"].to_numpy()
-    table = per_case_metrics(recommendations[recommendations["split"] == "test"], cases)
+    table = per_case_metrics(recommendations[recommendations["split"] == "test"], cases, ks=(1, 5, 10), mrr_ks=(10,))
     tmp = dst.with_name(dst.name + ".tmp")
     table.to_parquet(tmp, index=False)
     tmp.replace(dst)
@@ -57,7 +60,9 @@ def pooled_pairs(out: Path, pairs: list[tuple[tuple[str, str], tuple[str, str]]]
         if not seeds:
             continue
         ca, cb = ca[ca["seed"].isin(seeds)], cb[cb["seed"].isin(seeds)]
-        for metric in POOLED_METRICS:
+        for metric in (*POOLED_METRICS, *HEAD_METRICS):
+            if metric not in ca.columns or metric not in cb.columns or ca[metric].isna().any() or cb[metric].isna().any():
+                continue
             d = pooled_paired_delta(ca, cb, metric, n_boot=n_boot)
             found.append({"a": " / ".join(a), "b": " / ".join(b), "a_row": "/".join(run_model[a]),
                           "b_row": "/".join(run_model[b]), "metric": metric, "split": "test", "seeds": seeds, **d.to_dict()})

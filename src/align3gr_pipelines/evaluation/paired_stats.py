@@ -104,9 +104,10 @@ def pooled_paired_delta(per_case_a: pd.DataFrame, per_case_b: pd.DataFrame, metr
                                    merged["user_id"].astype(str).to_numpy(), n_seeds=merged["seed"].nunique(), **kwargs)
 
 
-def per_case_metrics(recommendations: pd.DataFrame, cases: pd.DataFrame, ks: tuple[int, ...] = (5, 10)) -> pd.DataFrame:
+def per_case_metrics(recommendations: pd.DataFrame, cases: pd.DataFrame, ks: tuple[int, ...] = (5, 10),
+                     mrr_ks: tuple[int, ...] = ()) -> pd.DataFrame:
     """Recall/NDCG@K of every model on every evaluated case: columns model, split, user_id, case, recall@k,
-    ndcg@k. `cases` has split, user_id, target and optionally case (the held-out position, for holdouts
+    ndcg@k (and mrr@m for m in mrr_ks). `cases` has split, user_id, target and optionally case (the held-out position, for holdouts
     with several cases per user; recommendations then carry it too); a case without a list scores 0."""
     several = "case" in cases.columns
     if several and "case" not in recommendations.columns:
@@ -116,10 +117,11 @@ def per_case_metrics(recommendations: pd.DataFrame, cases: pd.DataFrame, ks: tup
         part = part.reset_index(drop=True)
         recs = recommendations[recommendations["split"] == split]
         for model, mine in recs.groupby("model", sort=False):
-            items, scores = case_lists(mine if several else mine.drop(columns="case", errors="ignore"), part, max(ks))
-            values = ranking_metrics(items, part["target"].astype(str).tolist(), ks, scores)
+            items, scores = case_lists(mine if several else mine.drop(columns="case", errors="ignore"), part, max((*ks, *mrr_ks)))
+            values = ranking_metrics(items, part["target"].astype(str).tolist(), ks, scores, mrr_ks)
             frames.append(pd.DataFrame({"model": model, "split": split, "user_id": part["user_id"].astype(str),
                                         "case": part["case"] if several else 0, **values}))
     # ranking_metrics' own keys: ndcg@1 is not repeated (it equals recall@1 with one target)
-    columns = ["model", "split", "user_id", "case", *(f"recall@{k}" for k in ks), *(f"ndcg@{k}" for k in ks if k > 1)]
+    columns = ["model", "split", "user_id", "case", *(f"recall@{k}" for k in ks), *(f"ndcg@{k}" for k in ks if k > 1),
+               *(f"mrr@{m}" for m in mrr_ks)]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", required=True, help="comma-separated, a prefix of each row's stages")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="as quality_study.py --set")
     parser.add_argument("--shared-data", default=str(HERE.parent.parent / "shared" / "data"))
+    parser.add_argument("--old-code", default="any",
+                        help="the code part of the old keys: 'any' (the old study ran with --reuse-across-code) or its "
+                             "source hash (quality_study.source_hash() of the package it ran)")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args(argv)
 
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         shared_data=args.shared_data, set=args.set, reuse_across_code=True)
     study = Study(study_args)  # keys exactly as quality_study.py --reuse-across-code makes them
     try:
-        old_params = load_parameters(args.env, old_conf)
+        old_params, new_params = load_parameters(args.env, old_conf), study.params
         cache_root = Path(args.out).resolve() / "cache"
         failed = False
         for name in [r.strip() for r in args.rows.split(",")]:
@@ -98,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in [int(s) for s in args.seeds.split(",")]:
                 new_keys = study.stage_keys(run, seed)
                 new_resolved = apply_overrides(study.params, study.overrides(run, seed))
-                study.params, saved = old_params, study.params
+                study.params, study.code = old_params, args.old_code
                 old_keys = study.stage_keys(run, seed)
                 old_resolved = apply_overrides(old_params, study.overrides(run, seed))
-                study.params = saved
+                study.params, study.code = new_params, "any"
                 for stage in stages:
                     diff = param_diff(old_resolved.get(stage), new_resolved.get(stage))
                     if diff["removed"] or diff["changed"]:

@@ -228,3 +228,23 @@ def test_dpo_with_autocast_auto_on_cpu_is_exactly_the_fp32_stage(world):
     assert any(not torch.equal(a, b) for a, b in zip(off, half))  # the reference pass honours the setting
     with pytest.raises(ValueError, match=r"sp_dpo_curriculum\.training\.autocast must be one of"):
         DPOConfig.from_params({"autocast": "bf16"}, "sp_dpo_curriculum.training")
+
+
+def test_dtype_on_resolves_a_bundle_for_the_device_it_will_train_on(world, tmp_path, bf16_lora_policy, monkeypatch):
+    """SFT resumes and torchrun ranks load on the CPU a model that trains elsewhere: its dtype is judged there."""
+    import json
+
+    plain = _save_full(world, tmp_path / "plain")
+    _, lora = bf16_lora_policy
+    auto_lora = tmp_path / "auto_lora"
+    import shutil
+
+    shutil.copytree(lora, auto_lora)
+    meta_path = auto_lora / "rec_lm.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "dtype": "auto"}))
+    assert RecLM.dtype_on(str(plain), "cpu") == torch.float32 and RecLM.dtype_on(str(auto_lora), "cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert RecLM.dtype_on(str(auto_lora), "cuda") == torch.bfloat16  # a frozen LoRA base on a bf16 GPU
+    assert RecLM.dtype_on(str(plain), "cuda") == torch.float32       # a model trained weight by weight stays fp32

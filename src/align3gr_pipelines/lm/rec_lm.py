@@ -126,6 +126,14 @@ class RecLM:
         self.tokenizer.save_pretrained(str(out / "tokenizer"))
         (out / META_FILE).write_text(json.dumps(self.meta, indent=2, default=str))
 
+    @staticmethod
+    def dtype_on(path: str, device: str | torch.device | None) -> torch.dtype:
+        """The weights' dtype the bundle at ``path`` resolves to on ``device`` (its recorded setting): for a load
+        on the CPU of a model that will train elsewhere (SFT resumes, torchrun ranks)."""
+        meta = json.loads((Path(path) / META_FILE).read_text())
+        setting = check_dtype_setting(meta.get("dtype", "auto"), f"{Path(path) / META_FILE}: 'dtype'")
+        return resolve_dtype(setting, pick_device(device), frozen_base=bool(meta.get("peft")))
+
     @classmethod
     def from_pretrained(
         cls, path: str, device: str | None = "auto", trainable: bool = False, dtype: str | torch.dtype = "checkpoint"

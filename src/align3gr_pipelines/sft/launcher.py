@@ -68,7 +68,8 @@ def fit_distributed(
     if returncode != 0 or not (job / "result.json").is_file():
         raise RuntimeError(f"sft_train: distributed training failed (torchrun exit code {returncode}); see the log above")
     result = TrainResult(**json.loads((job / "result.json").read_text()))
-    trained = RecLM.from_pretrained(str(job / "final"), device="cpu", trainable=True)
+    final = str(job / "final")
+    trained = RecLM.from_pretrained(final, device="cpu", trainable=True, dtype=RecLM.dtype_on(final, tcfg.get("device", "auto")))
     trained.meta = rec.meta
     return trained, result
 
@@ -95,7 +96,8 @@ def _worker(job_dir: str) -> None:
     job = Path(job_dir)
     spec = json.loads((job / "config.json").read_text())
     data = torch.load(job / "data.pt")
-    rec = RecLM.from_pretrained(spec["init"], device="cpu", trainable=True)
+    rec = RecLM.from_pretrained(spec["init"], device="cpu", trainable=True,
+                                dtype=RecLM.dtype_on(spec["init"], spec["trainer"].get("device", "auto")))
     rec.model.train()
     tca4rec = None if data.get("tca4rec") is None else TCA4Rec.from_state(data["tca4rec"])
     cf_model = None

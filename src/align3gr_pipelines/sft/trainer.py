@@ -291,9 +291,11 @@ def fit_sft(
 
     resumable = _prepare_output_dir(output_dir, fingerprint)
     if resumable:
-        rec = RecLM.from_pretrained(str(output_dir / "init"), device="cpu", trainable=True)
+        init = str(output_dir / "init")  # weights in the dtype of the device SFT trains on, not the CPU's
+        rec = RecLM.from_pretrained(init, device="cpu", trainable=True, dtype=RecLM.dtype_on(init, tcfg.get("device", "auto")))
     else:
-        rec = build_backbone(cfg["backbone"], pd.concat([examples["prompt"], examples["response"]]).tolist(), vocab, seed, levels)
+        rec = build_backbone(cfg["backbone"], pd.concat([examples["prompt"], examples["response"]]).tolist(), vocab, seed, levels,
+                             device=tcfg.get("device", "auto"))
         rec.save_pretrained(str(output_dir / "init"))  # the exact starting point a resumed run needs
         (output_dir / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2))
     rec.model.train()

@@ -662,6 +662,7 @@ PAIRS = [
     (("Table 5: DPO", "SFT only"), ("Table 5: DPO", "SP-DPO reachable, de-noised, NDCG selection (issue 25)")),
     (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "SP-DPO reachable, de-noised, NDCG selection (issue 25)")),
     (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "+ RF-DPO, hard stage liked vs top-ranked disliked (issue 25)")),
+    (("Table 5: DPO", "SFT only"), ("Table 5: DPO", "SP-DPO reachable, 2,048 prompts a stage, no sign test (issue 25)")),
     # issue 26: the hybrid against our SASRec and against the LM alone
     (("Beyond the paper", "SASRec (CE)"), ("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)")),
     (("Beyond the paper", "LM alone (SFT)"), ("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)")),

@@ -56,7 +56,9 @@ def train_stage(
     against ``policy`` itself as the reference. Returns the new RecLM (meta records stage, reference and both weight hashes) and the
     metrics dict ``{"scalars", "curves", "info"}``."""
     model = policy.model if cfg.in_place else copy.deepcopy(policy.model)
-    model.to(pick_device(cfg.device))
+    if cfg.nproc_per_node == 1:
+        model.to(pick_device(cfg.device))
+    # else the torchrun ranks train on their own devices; this copy only receives the trained weights
     _disable_activation_checkpointing(model)
     tok = policy.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -65,7 +67,13 @@ def train_stage(
     known = policy.meta.get("valid_recall") or {}
     key = getattr(evaluate, "key", None)
     input_score = known.get("score") if key is not None and known.get("key") == key else None
-    result = train_dpo(model, examples, cfg, pad_id, seed, evaluate, selection, input_score)
+    if cfg.nproc_per_node == 1:
+        result = train_dpo(model, examples, cfg, pad_id, seed, evaluate, selection, input_score)
+    else:
+        from align3gr_pipelines.preference.dpo_launcher import fit_distributed
+
+        result = fit_distributed(RecLM(model=model, tokenizer=tok, meta=policy.meta), examples, cfg, pad_id, seed,
+                                 stage, evaluate, selection, input_score)
     policy_fp = weights_fingerprint(model)
     meta = copy.deepcopy(policy.meta)
     dpo_meta = {

@@ -51,6 +51,7 @@ from align3gr_pipelines.lm.constrained_decoding import cache_argument, output_ca
 from align3gr_pipelines.lm.precision import autocast as autocast_context
 from align3gr_pipelines.lm.precision import check_autocast_setting
 from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt, encode_response
+from align3gr_pipelines.lm.sharded_decoding import shard_indices
 from align3gr_pipelines.preference.softmax_dpo import softmax_dpo_loss
 
 # Curves logged at every optimizer step (names in the metrics JSON).
@@ -78,6 +79,12 @@ class DPOConfig:
     # The policy and reference forward passes (lm.precision.autocast): auto = bf16 autocast on a CUDA GPU,
     # none elsewhere (a CPU run is exact fp32, as before); off | bfloat16 | float16.
     autocast: str = "auto"
+    # Processes that train the stage together (issue 27): 1 = in the calling process (before issue 27); N > 1 =
+    # `dpo_launcher` runs torchrun --standalone --nproc_per_node=N (one rank per GPU, nccl; gloo on a CPU), each
+    # rank taking batch_size / N prompts of every micro-batch, so the gradient is that of the same global batch.
+    nproc_per_node: int = 1
+    # Seconds the torchrun job may take before its processes are ended and the stage fails; None = no limit.
+    launch_timeout_s: float | None = None
 
     @classmethod
     def from_params(cls, params: dict[str, Any], where: str) -> "DPOConfig":
@@ -94,6 +101,15 @@ class DPOConfig:
         if cfg.nll_weight < 0:
             raise ValueError(f"{where}.nll_weight must be >= 0, got {cfg.nll_weight}")
         check_autocast_setting(cfg.autocast, f"{where}.autocast")
+        if isinstance(cfg.nproc_per_node, bool) or not isinstance(cfg.nproc_per_node, int) or cfg.nproc_per_node < 1:
+            raise ValueError(f"{where}.nproc_per_node must be an integer >= 1, got {cfg.nproc_per_node!r}")
+        if cfg.batch_size % cfg.nproc_per_node:
+            raise ValueError(
+                f"{where}.batch_size={cfg.batch_size} must be divisible by {where}.nproc_per_node={cfg.nproc_per_node}: "
+                "each process takes batch_size / nproc_per_node prompts of every micro-batch"
+            )
+        if cfg.launch_timeout_s is not None and not float(cfg.launch_timeout_s) > 0:
+            raise ValueError(f"{where}.launch_timeout_s must be > 0 or null, got {cfg.launch_timeout_s}")
         return cfg
 
 
@@ -151,15 +167,29 @@ def valid_recall_evaluator(
     sample = valid_recall.build_valid_sample(
         valid_recall.sample_valid_prompts(seq_eval_prompts, sel.n_users, seed), item_scids, tokenizer
     )
+    return sample_evaluator(sample, tokenizer, sel, seed)
+
+
+def sample_evaluator(
+    sample: valid_recall.ValidSample, tokenizer: Any, sel: Selection, seed: int,
+    decode: Callable[[RecLM, valid_recall.ValidSample], np.ndarray] | None = None,
+) -> Callable[[Any], np.ndarray]:
+    """`valid_recall_evaluator` on an already drawn sample. ``decode`` (RecLM, sample → int64[n, k] lists)
+    replaces the one-process constrained decoder: the torchrun ranks of `dpo_launcher` decode their share of
+    the users and gather the lists. ``evaluate.sample`` / ``evaluate.seed`` let those ranks rebuild it."""
     key = valid_recall.selection_key(sel.metric, sel.k)
+    if decode is None:
+        def decode(rec: RecLM, sample: valid_recall.ValidSample) -> np.ndarray:
+            return valid_recall.decode_top_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
 
     def evaluate(model: Any) -> np.ndarray:
         rec = RecLM(model=model, tokenizer=tokenizer, meta={})
-        top = valid_recall.decode_top_k(rec, sample, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
+        top = decode(rec, sample)
         evaluate.last_head = valid_recall.head_scores(top, sample.target_index, sel.k)  # type: ignore[attr-defined]
         return evaluate.last_head[key]  # type: ignore[attr-defined]
 
     evaluate.last_head = None  # type: ignore[attr-defined]
+    evaluate.sample, evaluate.seed = sample, seed  # type: ignore[attr-defined]
     # Identifies the sample, decoder settings and score, so a stage can reuse the score its input policy got
     # as the previous stage's selected checkpoint (recorded in meta["valid_recall"]) instead of decoding
     # again. The metric joins the payload only when it is not recall, so recall keys stay as they were.
@@ -359,6 +389,54 @@ def rate_per_second(count: float, seconds: float, resolution: float | None = Non
     return count / seconds
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the torchrun ranks that train one stage together (`dpo_launcher`), in the
+    default process group. Every rank holds the same weights, draws the same global batches and takes its
+    contiguous share of each micro-batch (`shard_indices`)."""
+
+    rank: int
+    world_size: int
+
+
+def _sharded_reference(
+    model: Any, examples: list[PreferenceExample], pad_id: int, cfg: DPOConfig, ranks: Ranks, show: bool
+) -> list[torch.Tensor]:
+    """`reference_logps` of every example on every rank: each rank runs its block of the examples, then the
+    blocks are gathered in rank order (a rank's later slices can come from any block)."""
+    import torch.distributed as dist
+
+    mine = shard_indices(len(examples), ranks.rank, ranks.world_size)
+    part = reference_logps(model, [examples[i] for i in mine], pad_id, cfg.ref_batch_size, show, cfg.autocast)
+    parts: list[Any] = [None] * ranks.world_size
+    dist.all_gather_object(parts, part)
+    return [t for p in parts for t in p]
+
+
+def _all_reduce_step(
+    params: list[torch.nn.Parameter], acc: dict[str, float], rejected: list[list[float]], device: torch.device
+) -> None:
+    """Sum the ranks' gradients and step statistics. Each rank scaled its loss by its share of the step's
+    examples, so the sums are the one-process gradient and curves of the global batch. The mean rejected
+    log-prob of a micro-batch is over its real rejected slots, so it is rebuilt from the summed totals and
+    counts (``rejected``: per micro-batch [sum, count, share of the step]); it goes into ``acc`` here."""
+    import torch.distributed as dist
+
+    for p in params:  # a rank whose share of the step is empty has no gradient yet
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    handles = [dist.all_reduce(p.grad, async_op=True) for p in params]
+    names = [k for k in acc if k != "rejected_logp"]
+    stats = torch.tensor([acc[k] for k in names] + [x for r in rejected for x in r[:2]], dtype=torch.float64, device=device)
+    dist.all_reduce(stats)
+    for h in handles:
+        h.wait()
+    stats = stats.cpu().tolist()
+    acc.update(zip(names, stats))
+    sums = stats[len(names):]
+    acc["rejected_logp"] = sum(sums[2 * m] / max(sums[2 * m + 1], 1.0) * r[2] for m, r in enumerate(rejected))
+
+
 @dataclass
 class DPOResult:
     curves: dict[str, list[list[float]]]
@@ -385,6 +463,7 @@ def train_dpo(
     evaluate: Callable[[Any], Any] | None = None,
     selection: Selection | None = None,
     input_score: float | None = None,
+    ranks: Ranks | None = None,
 ) -> DPOResult:
     """Train ``model`` in place on the examples with the Softmax-DPO loss; the reference is ``model`` as given.
 
@@ -392,15 +471,29 @@ def train_dpo(
     ``model`` ends holding the weights of the best evaluated checkpoint (step 0 = the input policy; ties keep
     the earlier one; with ``selection.max_p_value`` only checkpoints that beat the input policy on the sign
     test qualify), or the last step's weights when ``selection.allow_worse``. ``input_score``: the input
-    policy's known valid recall (not decoded again unless the sign test needs its per-user hits)."""
+    policy's known valid recall (not decoded again unless the sign test needs its per-user hits).
+
+    ``ranks`` (world_size > 1): this process is one torchrun rank of `dpo_launcher`; the others run the same
+    call. Gradients are summed over the ranks by hand (`_all_reduce_step`) rather than by DDP: the step's
+    forward runs the model twice (prompt, then responses on its KV cache) and the last micro-batch can leave a
+    rank no example, which DDP's one-forward-per-backward hooks do not allow. ``evaluate`` must then be
+    collective and return the same scores on every rank (`dpo_launcher` gathers the decoded lists), so every
+    rank takes the same selection decisions."""
     if not examples:
         raise ValueError("DPO: no preference pairs to train on")
+    sharded = ranks is not None and ranks.world_size > 1
+    if sharded and cfg.batch_size % ranks.world_size:
+        raise ValueError(f"DPO: training.batch_size={cfg.batch_size} is not divisible by the {ranks.world_size} processes")
+    show = cfg.show_progress and (not sharded or ranks.rank == 0)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     device = next(model.parameters()).device
 
     t0 = time.perf_counter()
-    ref = reference_logps(model, examples, pad_id, cfg.ref_batch_size, cfg.show_progress, cfg.autocast)
+    if sharded:
+        ref = _sharded_reference(model, examples, pad_id, cfg, ranks, show)
+    else:
+        ref = reference_logps(model, examples, pad_id, cfg.ref_batch_size, cfg.show_progress, cfg.autocast)
     ref_seconds = time.perf_counter() - t0
 
     params = trainable_parameters(model)
@@ -481,14 +574,21 @@ def train_dpo(
     model.train()
     step = 0
     t1 = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="softmax-DPO", disable=not cfg.show_progress)
+    bar = tqdm(total=total_steps, desc="softmax-DPO", disable=not show)
     for _ in range(cfg.epochs):
         order = rng.permutation(len(examples))
         for s in range(0, len(order), per_step):
             step_idx = order[s : s + per_step]
             acc = {k: 0.0 for k in CURVES if k != "lr"}
+            rejected: list[list[float]] = []  # sharded: per micro-batch [sum, count, share of the step]
             for m in range(0, len(step_idx), cfg.batch_size):
                 idx = step_idx[m : m + cfg.batch_size]
+                if sharded:
+                    share = len(idx) / len(step_idx)
+                    idx = idx[shard_indices(len(idx), ranks.rank, ranks.world_size)]
+                    if not len(idx):
+                        rejected.append([0.0, 0.0, share])
+                        continue
                 batch = _move(collate([examples[i] for i in idx], pad_id), device)
                 with autocast_context(cfg.autocast, device):  # the backward pass runs outside it, as autocast wants
                     logps = sequence_logps(model, batch)
@@ -500,15 +600,22 @@ def train_dpo(
                     logps[:, 0], logps[:, 1:], ref_b[:, 0], ref_b[:, 1:], cfg.beta, rej_mask,
                     nll_weight=cfg.nll_weight, chosen_lengths=batch["response_mask"][:, 0].sum(-1),
                 )
-                # Weight micro-batches by size so an accumulated step is the mean over all its examples.
+                # Weight micro-batches by size so an accumulated step is the mean over all its examples (a
+                # rank's slice likewise: the ranks' sum is then the step's mean).
                 w = len(idx) / len(step_idx)
                 (out.loss * w).backward()
                 acc["loss"] += out.loss.item() * w
                 acc["reward_margin"] += out.reward_margin.mean().item() * w
                 acc["reward_accuracy"] += out.reward_accuracy.mean().item() * w
                 acc["chosen_logp"] += logps[:, 0].mean().item() * w
+                if sharded:
+                    rejected.append([logps[:, 1:].detach().masked_fill(~rej_mask, 0.0).sum().item(),
+                                     float(rej_mask.sum().item()), share])
+                    continue
                 rej = logps[:, 1:].detach().masked_fill(~rej_mask, 0.0).sum() / rej_mask.sum().clamp(min=1)
                 acc["rejected_logp"] += rej.item() * w
+            if sharded:
+                _all_reduce_step(params, acc, rejected, device)
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()

@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from align3gr_pipelines.evaluation.metrics import mrr_at_k, ndcg_at_k, recall_at_k as recall_per_user
-from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog
+from align3gr_pipelines.lm.sharded_decoding import decode_prompts_sharded
 
 # What a DPO stage may select and gate on (`Selection.metric`), each a per-user score of one decoded top-K
 # list: recall = hit (bool, the behaviour before issue 25), ndcg = 1/log2(rank + 1), mrr = 1/rank, 0 beyond K.
@@ -67,17 +68,25 @@ def build_valid_sample(rows: pd.DataFrame, item_scids: pd.DataFrame, tokenizer: 
 
 
 @torch.no_grad()
-def decode_top_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> np.ndarray:
-    """int64[n, k]: each sampled user's constrained top-`k` (catalogue indices, best first; -1 = no item)."""
+def decode_top_k(
+    rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64, nproc: int = 1,
+    timeout_s: float | None = None, where: str = "valid recall",
+) -> np.ndarray:
+    """int64[n, k]: each sampled user's constrained top-`k` (catalogue indices, best first; -1 = no item).
+    ``nproc`` > 1 decodes on that many torchrun ranks (`lm.sharded_decoding`: the same lists), ended after
+    ``timeout_s``; ``where`` is the parameter block its errors name."""
     if len(sample) == 0:
         raise ValueError("valid recall: the valid sample is empty (no target is in the catalogue)")
-    idx, _ = decode_prompts(rec_lm, sample.prompts, sample.catalog, beam_width=max(beam_width, k), top_k=k, batch_size=batch_size)
+    idx, _ = decode_prompts_sharded(rec_lm, sample.prompts, sample.catalog, nproc=nproc, timeout_s=timeout_s, where=where,
+                                    beam_width=max(beam_width, k), top_k=k, batch_size=batch_size)
     return idx.numpy()
 
 
-def hits_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64) -> np.ndarray:
+def hits_at_k(rec_lm: Any, sample: ValidSample, k: int = 10, beam_width: int = 20, batch_size: int = 64, nproc: int = 1,
+              timeout_s: float | None = None) -> np.ndarray:
     """bool[n]: whether each sampled user's held-out item is among the model's constrained top-`k`."""
-    return (decode_top_k(rec_lm, sample, k, beam_width, batch_size) == sample.target_index[:, None]).any(axis=1)
+    top = decode_top_k(rec_lm, sample, k, beam_width, batch_size, nproc=nproc, timeout_s=timeout_s)
+    return (top == sample.target_index[:, None]).any(axis=1)
 
 
 def head_scores(top: np.ndarray, target_index: np.ndarray, k: int) -> dict[str, np.ndarray]:

@@ -10,8 +10,8 @@ model: only the caller ever writes catalog outputs, and the stage's metadata is 
 Each rank (nccl on GPUs, gloo on a CPU) runs `dpo_trainer.train_dpo` with its `Ranks`: the reference pass
 split by blocks of examples and gathered, every global micro-batch split across the ranks, the gradients
 summed by hand (why not DDP: `train_dpo`'s docstring), and the valid sample's constrained decoding split
-into contiguous blocks of users (`lm.sharded_decoding.shard_indices`) whose top-K lists are gathered before
-they are scored, so every rank scores every checkpoint on all users and takes the same selection decision.
+by whole decode batches (`lm.sharded_decoding.decode_in_group`: the lists equal one process's) and gathered
+before they are scored, so every rank scores every checkpoint on all users and takes the same selection decision.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch
 from align3gr_pipelines.devices import pick_device
 from align3gr_pipelines.evaluation import valid_recall
 from align3gr_pipelines.lm.rec_lm import RecLM
-from align3gr_pipelines.lm.sharded_decoding import shard_indices
+from align3gr_pipelines.lm.sharded_decoding import decode_in_group
 from align3gr_pipelines.preference.dpo_trainer import (
     DPOConfig,
     DPOResult,
@@ -110,7 +110,7 @@ def fit_distributed(
 
 
 def _run_torchrun(job: Path, nproc: int, timeout: float | None, stage: str) -> None:
-    from align3gr_pipelines.sft.launcher import _end_group
+    from align3gr_pipelines.lm.sharded_decoding import end_process_group as _end_group
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "align3gr_pipelines.preference.dpo_launcher", str(job)]
@@ -136,20 +136,14 @@ def _run_torchrun(job: Path, nproc: int, timeout: float | None, stage: str) -> N
 
 
 def _decode_in_ranks(sel: Selection, ranks: Ranks) -> Any:
-    """A `sample_evaluator` decoder: this rank's contiguous block of the sample's users, the blocks' top-K
-    lists gathered in rank order (= the sample's order)."""
-    import torch.distributed as dist
+    """A `sample_evaluator` decoder: each rank decodes whole decode batches of the sample (the batches one
+    process would form, so the lists equal one process's exactly) and the lists are all-gathered."""
+    del ranks  # the process group is the one torchrun set up
 
     def decode(rec: RecLM, sample: valid_recall.ValidSample) -> np.ndarray:
-        block = shard_indices(len(sample), ranks.rank, ranks.world_size)
-        if len(block):
-            part = valid_recall.ValidSample([sample.prompts[i] for i in block], sample.target_index[block], sample.catalog)
-            top = valid_recall.decode_top_k(rec, part, k=sel.k, beam_width=sel.beam_width, batch_size=sel.batch_size)
-        else:
-            top = np.empty((0, sel.k), dtype=np.int64)
-        parts: list[Any] = [None] * ranks.world_size
-        dist.all_gather_object(parts, top)
-        return np.concatenate(parts)
+        idx, _ = decode_in_group(rec, sample.prompts, sample.catalog, beam_width=max(sel.beam_width, sel.k),
+                                 top_k=sel.k, batch_size=sel.batch_size)
+        return idx.numpy()
 
     return decode
 

@@ -261,21 +261,22 @@ def item_code_table(item_scids: pd.DataFrame) -> tuple[list[str], torch.Tensor, 
 
 def decode_candidates(
     policy: RecLM, prompts: Sequence[str], item_scids: pd.DataFrame, item_ids: Sequence[str], beam_width: int, top_k: int,
-    batch_size: int, show_progress: bool = True,
+    batch_size: int, show_progress: bool = True, nproc: int = 1, timeout_s: float | None = None,
+    where: str = "sp_dpo_curriculum.decoding",
 ) -> np.ndarray:
     """The policy's top-k catalogue items per prompt (constrained beam search), as indices into ``item_ids``
-    (-1 where fewer exist)."""
-    from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, constrained_beam_search
+    (-1 where fewer exist). ``nproc`` > 1: on that many torchrun ranks (`lm.sharded_decoding`, the same lists),
+    ended after ``timeout_s``; ``where`` is the parameter block its errors name."""
+    from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog
+    from align3gr_pipelines.lm.sharded_decoding import decode_prompts_sharded
 
-    tok = policy.tokenizer
-    catalog = SCIDCatalog.from_scids(item_scids, tok)
+    catalog = SCIDCatalog.from_scids(item_scids, policy.tokenizer)
     position = {iid: i for i, iid in enumerate(item_ids)}
     to_ours = torch.tensor([position[str(i)] for i in catalog.item_ids] + [-1])
-    ids = [encode_prompt(tok, p) for p in prompts]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    idx, _ = constrained_beam_search(
-        policy.model, ids, catalog, beam_width=beam_width, top_k=top_k, batch_size=batch_size, pad_token_id=pad,
-        show_progress=show_progress,
+    # nproc 1 is decode_prompts: the prompts' ids and pad id exactly as this function built them before.
+    idx, _ = decode_prompts_sharded(
+        policy, list(prompts), catalog, nproc=nproc, timeout_s=timeout_s, where=where, beam_width=beam_width,
+        top_k=top_k, batch_size=batch_size, show_progress=show_progress,
     )
     return to_ours[idx].numpy()  # index -1 maps to the appended -1
 

@@ -42,8 +42,9 @@ import torch
 
 from align3gr_pipelines.evaluation.hybrid_ranker import MODEL as HYBRID
 from align3gr_pipelines.evaluation.hybrid_ranker import RANKERS, check_weight, rank_candidates, score_candidates, weight_label
-from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts
+from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog
 from align3gr_pipelines.lm.rec_lm import RecLM
+from align3gr_pipelines.lm.sharded_decoding import decode_prompts_sharded
 from align3gr_pipelines.sft.prompts import seq_prompt
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,8 @@ class Recommender:
         sasrec: Any | None = None,
         cf_weight: float = 1.0,
         cf_candidates: int | None = None,
+        decoding_nproc: int = 1,
+        decoding_timeout_s: float | None = None,
     ) -> None:
         if ranker not in RANKERS:
             raise ValueError(f"ranker must be one of {list(RANKERS)}, got {ranker!r}")
@@ -270,6 +273,9 @@ class Recommender:
         self.checkpoint_dir: Path | None = None  # set when loaded from a checkpoint directory
         self.beam_width, self.batch_size, self.unknown_user = int(beam_width), int(batch_size), unknown_user
         self.limits = limits
+        # Processes the LM's beam search runs on (lm/sharded_decoding.py; the same lists as 1). A runtime
+        # setting of the offline pipeline, not of the model: `settings()` (saved with a logged model) leaves it out.
+        self.decoding_nproc, self.decoding_timeout_s = decoding_nproc, decoding_timeout_s
         self.catalog = SCIDCatalog.from_scids(item_scids, rec_lm.tokenizer)
         self.item_tokens = dict(zip(self.catalog.item_ids, self.catalog.scid_strings or []))
         titles = {}
@@ -355,13 +361,13 @@ class Recommender:
             top = max(parsed[n].k for n in members)
             if self.ranker == HYBRID:
                 # The whole beam is the LM's candidate list (as evaluation's LM rows keep top_k = beam width).
-                beam, _ = decode_prompts(self.rec_lm, prompts, self.catalog, beam_width=width, top_k=width, batch_size=self.batch_size)
+                beam, _ = self._search(prompts, width, width)
                 cands = score_candidates(self.rec_lm, self.sasrec, self.catalog, prompts, [parsed[n].history for n in members],
                                          beam.numpy(), cf_candidates=self.cf_candidates, batch_size=self.batch_size)
                 idx_np, score_np = rank_candidates(cands, self.cf_weight, top)
                 idx, score = torch.as_tensor(idx_np), torch.as_tensor(score_np)
             else:
-                idx, score = decode_prompts(self.rec_lm, prompts, self.catalog, beam_width=width, top_k=top, batch_size=self.batch_size)
+                idx, score = self._search(prompts, width, top)
             for row, n in enumerate(members):
                 k = parsed[n].k
                 picked = idx[row, :k].tolist()
@@ -373,6 +379,10 @@ class Recommender:
                     for r, (i, s) in enumerate(zip(picked, score[row, :k].tolist()))
                 ]
         return out
+
+    def _search(self, prompts: list[str], width: int, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return decode_prompts_sharded(self.rec_lm, prompts, self.catalog, nproc=self.decoding_nproc, timeout_s=self.decoding_timeout_s,
+                                      where="inference.decoding", beam_width=width, top_k=top, batch_size=self.batch_size)
 
     def recommend(self, history: Sequence[str | int], user_id: str | None = None, k: int = 10) -> list[dict[str, Any]]:
         """Top-``k`` catalogue items for one user's history (a list of item ids, oldest first)."""
@@ -425,11 +435,14 @@ def build_recommender(
     hybrid = {} if ranker == "lm" else {
         "ranker": ranker, "sasrec": sasrec, "cf_weight": check_weight(params.get("cf_weight", 1.0), "inference.cf_weight"),
         "cf_candidates": params.get("cf_candidates")}
+    dec = dict(params.get("decoding") or {})
+    sharded = {} if dec.get("nproc_per_node", 1) == 1 else {
+        "decoding_nproc": dec["nproc_per_node"], "decoding_timeout_s": dec.get("launch_timeout_s")}
     return Recommender.from_checkpoint(
         path, item_scids, items, user_scids, PromptSettings.from_sft_data(sft_data_params), device=params.get("device", "auto"),
         dtype=str(params.get("dtype", "checkpoint")),
         stage=stage, beam_width=int(params["beam_width"]), batch_size=int(params["batch_size"]),
-        unknown_user=str(params.get("unknown_user", "anonymous")), limits=limits_from_params(params), **hybrid,
+        unknown_user=str(params.get("unknown_user", "anonymous")), limits=limits_from_params(params), **hybrid, **sharded,
     )
 
 

@@ -43,6 +43,7 @@ from align3gr_pipelines.evaluation.stage_reuse import kept_input_policy, reuse_i
 from align3gr_pipelines.evaluation.timing import insert_section, timing_markdown, timing_scalars
 from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, constrained_beam_search
 from align3gr_pipelines.lm.rec_lm import encode_prompt
+from align3gr_pipelines.lm.sharded_decoding import decode_prompts_sharded
 from align3gr_pipelines.sft.prompts import seq_prompt
 
 log = logging.getLogger(__name__)
@@ -249,12 +250,19 @@ def recommend_with_lm(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.Da
     catalog = SCIDCatalog.from_scids(item_scids, tok)
     ids = [encode_prompt(tok, p) for p in eval_prompts["prompt"]]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    search = {"beam_width": int(params["beam_width"]), "top_k": int(params["top_k"]), "batch_size": int(params["batch_size"]),
+              "show_progress": bool(params.get("show_progress"))}
+    dec = dict(params.get("decoding") or {})
+    nproc = dec.get("nproc_per_node", 1)
     t0 = time.perf_counter()
     with _torch_threads(params.get("torch_threads")):
-        idx, score = constrained_beam_search(
-            rec_lm.model, ids, catalog, beam_width=int(params["beam_width"]), top_k=int(params["top_k"]),
-            batch_size=int(params["batch_size"]), pad_token_id=pad, show_progress=bool(params.get("show_progress")),
-        )
+        if nproc == 1:
+            idx, score = constrained_beam_search(rec_lm.model, ids, catalog, pad_token_id=pad, **search)
+        else:  # the same tensors from torchrun ranks (lm/sharded_decoding.py), torch_threads threads each
+            idx, score = decode_prompts_sharded(
+                rec_lm, eval_prompts["prompt"].tolist(), catalog, nproc=nproc, timeout_s=dec.get("launch_timeout_s"),
+                threads=params.get("torch_threads"), where="evaluation.decoding", **search,
+            )
     seconds = time.perf_counter() - t0
     idx_np = idx.numpy()
     expected = min(int(params["top_k"]), catalog.n_items)
@@ -264,7 +272,8 @@ def recommend_with_lm(rec_lm: Any, eval_prompts: pd.DataFrame, item_scids: pd.Da
     log.info("evaluation: %s decoded %d prompts in %.1f s (%.1f ms/user)", name, len(ids), seconds, 1000 * seconds / max(len(ids), 1))
     info = {"model": name, "kind": "lm", "stage": stage, "decoded": True, "seconds": seconds,
             "ms_per_user": 1000 * seconds / max(len(ids), 1), "invalid_generations": invalid, "catalogue_items": catalog.n_items,
-            "mean_prompt_tokens": float(np.mean([len(i) for i in ids])) if ids else 0.0, **fingerprints}
+            "mean_prompt_tokens": float(np.mean([len(i) for i in ids])) if ids else 0.0, **fingerprints,
+            **({"decoding_nproc": nproc} if nproc != 1 else {})}
     return recs_frame(name, eval_prompts, catalog.item_ids, idx_np, score.numpy()), info
 
 

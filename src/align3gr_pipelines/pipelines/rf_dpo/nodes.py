@@ -163,6 +163,7 @@ def recommend_for_feedback(
         policy, prompts["prompt"].tolist(), item_scids, item_ids, beam_width=int(rcfg.get("beam_width", 20)),
         top_k=int(rcfg.get("top_k", 20)), batch_size=int(rcfg.get("batch_size", 32)),
         show_progress=bool(rcfg.get("show_progress", True)),
+        nproc=int(rcfg.get("nproc_per_node", 1)), timeout_s=rcfg.get("launch_timeout_s"), where="rf_dpo.recommend",
     )
     prompts["recommended"] = [[item_ids[i] for i in row if i >= 0] for row in top]
     prompts["policy"] = name

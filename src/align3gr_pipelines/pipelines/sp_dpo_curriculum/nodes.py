@@ -127,6 +127,7 @@ def build_self_play_pairs(
 
     rng = np.random.default_rng([seed, _stage_index(stage)])
     dec = params.get("decoding", {})
+    sharded = {"nproc": int(dec.get("nproc_per_node", 1)), "timeout_s": dec.get("launch_timeout_s")}
     if mode == "random":
         pairs, stats = self_play.build_pairs(prompts, item_ids, codes, tokens, None, None, n_neg, rng)
         buckets = None
@@ -135,6 +136,7 @@ def build_self_play_pairs(
         beam = self_play.decode_candidates(
             policy, prompts["prompt"].tolist(), item_scids, item_ids, beam_width=mining.reachable_beam_width,
             top_k=mining.reachable_beam_width, batch_size=int(dec.get("batch_size", 32)), show_progress=bool(dec.get("show_progress", True)),
+            **sharded,
         )
         later = self_play.later_positives(train_sequences, prompts, item_ids)
         pairs, stats = self_play.reachable_pairs(
@@ -159,6 +161,7 @@ def build_self_play_pairs(
             policy, prompts["prompt"].tolist(), item_scids, item_ids,
             beam_width=int(dec.get("beam_width", 20)), top_k=int(dec.get("top_k", 20)),
             batch_size=int(dec.get("batch_size", 32)), show_progress=show,
+            **sharded,
         )
         later = self_play.later_positives(train_sequences, prompts, item_ids)
         pairs, stats = self_play.mine_pairs(policy, prompts, item_scids, item_ids, codes, tokens, beam, buckets, mining, rng, show, later)

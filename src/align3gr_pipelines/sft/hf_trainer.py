@@ -183,7 +183,9 @@ def valid_recall_callback(score: Any, key: str) -> Any:
     """A Trainer callback that adds `score(model)` (e.g. valid Recall@10 with the constrained decoder) to
     every evaluation's metrics under `key`, before checkpoint selection and early stopping read them, and
     to the evaluation's entry of the log history (so the curve survives a resume and reaches MLflow).
-    Put it before the EarlyStoppingCallback: callbacks run in order."""
+    Put it before the EarlyStoppingCallback: callbacks run in order. Under torchrun every rank runs it, so
+    `score` must return the same value on every rank (`valid_recall_ranks` all-reduces the hits), or the
+    ranks would stop early or keep a best checkpoint differently."""
     from transformers import TrainerCallback
 
     class ValidRecall(TrainerCallback):
@@ -213,9 +215,32 @@ def _bf16(setting: Any) -> bool:
     return bool(setting)
 
 
+SHARDED_TRAINING_KEYS = ("fsdp", "fsdp_config", "deepspeed")  # passed to TrainingArguments only when set
+
+
+def sharded_training(cfg: dict[str, Any]) -> dict[str, Any]:
+    """`trainer.fsdp` / `fsdp_config` / `deepspeed` as TrainingArguments keywords, the unset ones left out
+    (so a run without them builds exactly the arguments it did before they existed). Copies: TrainingArguments
+    rewrites an fsdp_config dict in place, and the parameters also go into the fingerprint and the model meta."""
+    out = {key: copy.deepcopy(cfg[key]) for key in SHARDED_TRAINING_KEYS if cfg.get(key) is not None}
+    if "fsdp_config" in out and not out.get("fsdp"):
+        raise ValueError("sft_train.trainer.fsdp_config is set but sft_train.trainer.fsdp is not; set fsdp "
+                         "(e.g. true, or 'full_shard auto_wrap') to turn FSDP on, or drop fsdp_config")
+    if out.get("fsdp") and out.get("deepspeed"):
+        raise ValueError("sft_train.trainer.fsdp and sft_train.trainer.deepspeed are both set; choose one")
+    if out.get("deepspeed"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ImportError("sft_train.trainer.deepspeed is set but the deepspeed package is not installed; "
+                              "`pip install deepspeed` (on the training machine), or set it to null")
+    return out
+
+
 def training_arguments(cfg: dict[str, Any], output_dir: str, seed: int) -> Any:
     from transformers import TrainingArguments
 
+    sharded = sharded_training(cfg)
     device = pick_device(cfg.get("device", "auto"))
     eval_steps = int(cfg["eval_steps"])
     warmup = float(cfg["warmup_ratio"])
@@ -265,6 +290,7 @@ def training_arguments(cfg: dict[str, Any], output_dir: str, seed: int) -> Any:
         report_to="none",  # metrics go to MLflow through the stage's metrics JSON and the project hook
         seed=int(seed),
         data_seed=int(seed),
+        **sharded,
     )
 
 

@@ -3,7 +3,9 @@
 <job>`` (NCCL on GPUs, gloo on CPU), waits, and loads the model rank 0 wrote. Only the caller (a single Kedro
 process) ever writes catalog outputs. The TCA4Rec objective travels too: its tables and settings in
 ``data.pt`` (the per-example response labels are in the rows), and the frozen SASRec that labels the history
-positions of ``positions: all_labelled`` as a SASRec checkpoint in ``<job>/cf_model``."""
+positions of ``positions: all_labelled`` as a SASRec checkpoint in ``<job>/cf_model``. So does selection by
+valid recall: the sampled users' prompts and targets, the catalogue and the decoding settings in ``data.pt``
+(`valid_recall_ranks.valid_recall_spec`); each rank scores its share of the users and the hits are summed."""
 from __future__ import annotations
 
 import json
@@ -19,15 +21,18 @@ from typing import Any
 import torch
 
 from align3gr_pipelines.lm.rec_lm import RecLM
-from align3gr_pipelines.sft.hf_trainer import TrainResult, train_causal_lm
+from align3gr_pipelines.lm.sharded_decoding import end_process_group as _end_group
+from align3gr_pipelines.sft.hf_trainer import TrainResult, selection_metric, train_causal_lm, valid_recall_callback
 from align3gr_pipelines.sft.tca4rec import TCA4Rec
 
 log = logging.getLogger(__name__)
 
 def fit_distributed(
     rec: RecLM, train_rows: list, eval_rows: list, tcfg: dict[str, Any], seed: int, output_dir: Path, nproc: int,
-    tca4rec: TCA4Rec | None = None, cf_model: Any = None,
+    tca4rec: TCA4Rec | None = None, cf_model: Any = None, valid_recall: dict[str, Any] | None = None,
 ) -> tuple[RecLM, TrainResult]:
+    """Train under torchrun; `valid_recall` (a `valid_recall_spec`) makes the ranks select by valid recall
+    (``tcfg``'s model_selection says which key)."""
     from align3gr_pipelines.cf.sasrec import SASRec
 
     if cf_model is not None and not isinstance(cf_model, SASRec):
@@ -35,8 +40,8 @@ def fit_distributed(
     job = output_dir / "job"
     shutil.rmtree(job, ignore_errors=True)
     job.mkdir(parents=True)
-    torch.save({"train": train_rows, "eval": eval_rows, "tca4rec": None if tca4rec is None else tca4rec.state()},
-               job / "data.pt")
+    torch.save({"train": train_rows, "eval": eval_rows, "tca4rec": None if tca4rec is None else tca4rec.state(),
+                "valid_recall": valid_recall}, job / "data.pt")
     if cf_model is not None:
         cf_model.save_pretrained(job / "cf_model")
     (job / "config.json").write_text(json.dumps({"trainer": tcfg, "seed": seed, "init": str(output_dir / "init"),
@@ -74,23 +79,6 @@ def fit_distributed(
     return trained, result
 
 
-def _end_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, a grace period, then SIGKILL to the process group `proc` leads (started in a new session):
-    ranks that outlive torchrun are ended too."""
-    import signal
-
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def _worker(job_dir: str) -> None:
     """One torchrun rank: train on the job's data; rank 0 writes the final model and the summary."""
     job = Path(job_dir)
@@ -105,8 +93,15 @@ def _worker(job_dir: str) -> None:
         from align3gr_pipelines.cf.sasrec import SASRec
 
         cf_model = SASRec.from_pretrained(spec["cf_model"])
+    callbacks = []
+    if data.get("valid_recall") is not None:  # before early stopping, which reads the recall it adds
+        from align3gr_pipelines.sft.valid_recall_ranks import scorer_from_spec
+
+        callbacks.append(valid_recall_callback(scorer_from_spec(data["valid_recall"], rec.tokenizer),
+                                               selection_metric(spec["trainer"])))
     trainer, result = train_causal_lm(rec.model, rec.tokenizer, data["train"], data["eval"], spec["trainer"],
-                                      spec["output_dir"], int(spec["seed"]), tca4rec=tca4rec, cf_model=cf_model)
+                                      spec["output_dir"], int(spec["seed"]), callbacks, tca4rec=tca4rec,
+                                      cf_model=cf_model)
     if trainer.is_world_process_zero():
         rec.model = trainer.model
         rec.save_pretrained(str(job / "final"))

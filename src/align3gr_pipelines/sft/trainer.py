@@ -5,7 +5,8 @@ Trainer's checkpoints (``checkpoint-<step>/``, optimizer and RNG states included
 is being trained. A rerun after a kill finds the last checkpoint there and resumes from its step; a rerun
 with other data, parameters or world size finds a different fingerprint and starts afresh.
 
-The Trainer loop itself is `hf_trainer`; with ``nproc_per_node > 1`` it runs under torchrun (`launcher`).
+The Trainer loop itself is `hf_trainer`; with ``nproc_per_node > 1`` it runs under torchrun (`launcher`), and
+selection by valid recall with it (`valid_recall_ranks`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
 from align3gr_pipelines.lm.rec_lm import RecLM
 from align3gr_pipelines.sft.hf_trainer import (
     CONFIRM_SUFFIX,
+    SHARDED_TRAINING_KEYS,
     TrainResult,
     encode_examples,
     selection_metric,
@@ -181,29 +183,39 @@ def _split_rows(examples: pd.DataFrame, cfg: dict[str, Any], seed: int) -> tuple
     return train, valid
 
 
-def recall_scorer(rec: RecLM, item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame | None,
-                  selection: dict[str, Any], seed: int) -> Any:
-    """model -> valid Recall@K over a seeded sample of valid users (the same users at every evaluation).
-    With ``confirm_half`` it returns (recall on the select half, recall on the confirm half): the Trainer
-    picks its checkpoint on the first, and the second is an unbiased figure for the one it picked."""
-    from types import SimpleNamespace
-
-    from align3gr_pipelines.evaluation.valid_recall import build_valid_sample, confirm_half, hits_at_k, sample_valid_prompts
+def _valid_recall_rows(seq_eval_prompts: pd.DataFrame | None, selection: dict[str, Any], seed: int) -> pd.DataFrame:
+    from align3gr_pipelines.evaluation.valid_recall import sample_valid_prompts
 
     if seq_eval_prompts is None:
         raise ValueError("sft_train.trainer.model_selection.metric=valid_recall needs 'seq_eval_prompts' (from sft_data); "
                          "pass it or set model_selection.metric: eval_loss")
     n_users = selection.get("n_users")
-    rows = sample_valid_prompts(seq_eval_prompts, None if n_users is None else int(n_users), seed)
+    return sample_valid_prompts(seq_eval_prompts, None if n_users is None else int(n_users), seed)
+
+
+def recall_scorer(rec: RecLM, item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame | None,
+                  selection: dict[str, Any], seed: int) -> Any:
+    """model -> valid Recall@K over a seeded sample of valid users (the same users at every evaluation).
+    With ``confirm_half`` it returns (recall on the select half, recall on the confirm half): the Trainer
+    picks its checkpoint on the first, and the second is an unbiased figure for the one it picked.
+    Inside a torchrun rank the same scorer decodes the rank's share of the users and all-reduces the hits
+    (`valid_recall_ranks`; the ranks build it from `valid_recall_job`)."""
+    from align3gr_pipelines.evaluation.valid_recall import build_valid_sample, confirm_half
+    from align3gr_pipelines.sft.valid_recall_ranks import sharded_recall_scorer
+
+    rows = _valid_recall_rows(seq_eval_prompts, selection, seed)
     sample = build_valid_sample(rows, item_scids, rec.tokenizer)
     k, beam, batch = int(selection["k"]), int(selection["beam_width"]), int(selection["batch_size"])
     confirm = confirm_half(len(sample), seed) if selection.get("confirm_half") else None
+    return sharded_recall_scorer(rec.tokenizer, sample, confirm, k, beam, batch)
 
-    def score(model: Any) -> float | tuple[float, float]:
-        hits = hits_at_k(SimpleNamespace(model=model, tokenizer=rec.tokenizer), sample, k, beam, batch)
-        return float(hits.mean()) if confirm is None else (float(hits[~confirm].mean()), float(hits[confirm].mean()))
 
-    return score
+def valid_recall_job(item_scids: pd.DataFrame, seq_eval_prompts: pd.DataFrame | None, selection: dict[str, Any],
+                     seed: int) -> dict[str, Any]:
+    """The valid-recall sample of `recall_scorer` as plain lists, for the torchrun job (`launcher`)."""
+    from align3gr_pipelines.sft.valid_recall_ranks import valid_recall_spec
+
+    return valid_recall_spec(_valid_recall_rows(seq_eval_prompts, selection, seed), item_scids, selection, seed)
 
 
 def history_label_flags(train_df: pd.DataFrame, tcfg: dict[str, Any]) -> list[bool] | None:
@@ -246,7 +258,9 @@ def fit_sft(
     (`tca4rec.py`) from `cf_model` (the tokenization stage's SASRec) — and, with ``tca4rec.positions:
     all_labelled``, every labelled history SCID of the prompts too; validation loss stays plain CE.
     ``trainer.model_selection.metric: valid_recall`` chooses the checkpoint (and stops early) by Recall@K of
-    the constrained decoder on a seeded sample of the valid users of `seq_eval_prompts`."""
+    the constrained decoder on a seeded sample of the valid users of `seq_eval_prompts`; under
+    ``nproc_per_node > 1`` each torchrun rank decodes its share of those users and the hits are all-reduced,
+    so the ranks agree and the recall equals one process's on the same model."""
     torch.manual_seed(seed)
     tcfg = cfg["trainer"]
     selection = selection_settings(tcfg)
@@ -259,6 +273,14 @@ def fit_sft(
     nproc = int(tcfg.get("nproc_per_node", 1))
     if nproc > 1 and compute_loss_func is not None:
         raise ValueError("sft_train: a custom compute_loss_func cannot cross into torchrun workers; use nproc_per_node=1")
+    sharded = [key for key in ("fsdp", "deepspeed") if tcfg.get(key)]
+    if nproc > 1 and sharded and selection["metric"] == "valid_recall":
+        # Each rank decodes its own share of the users, a different number of forwards per rank; with sharded
+        # weights every forward is a collective, so the ranks would wait on each other for ever.
+        raise ValueError(
+            f"sft_train.trainer.{sharded[0]} with nproc_per_node > 1 shards the weights, which the ranks' valid-recall "
+            "decoding (each rank its own users) cannot run on; set sft_train.trainer.model_selection.metric: eval_loss"
+        )
     tca_settings = tca4rec_settings(cfg)
     if tca_settings is not None:
         if tca_settings.get("positions") == "all_labelled" and not tcfg.get("history_loss", False):
@@ -283,8 +305,12 @@ def fit_sft(
         "item_scids": frame_fingerprint(item_scids[["id", "tokens"]]),
         "user_scids": frame_fingerprint(user_scids[["id", "tokens"]]) if len(user_scids) else "empty",
     }
+    # Unset FSDP / DeepSpeed keys are left out, so work dirs from before those keys existed still resume.
     fingerprint = {"inputs": inputs, "backbone": cfg["backbone"], "seed": int(seed), "nproc": nproc,
-                   "trainer": {k: v for k, v in tcfg.items() if k not in RESUME_NEUTRAL}}
+                   "trainer": {k: v for k, v in tcfg.items()
+                               if k not in RESUME_NEUTRAL and not (k in SHARDED_TRAINING_KEYS and v is None)}}
+    if nproc > 1 and selection["metric"] == "valid_recall":  # ranks used to fall back to eval_loss: not resumable
+        fingerprint["selection"] = "valid_recall_in_ranks"
     if tca_settings is not None:  # absent for CE, so existing CE work dirs keep their fingerprint
         fingerprint["tca4rec"] = {**tca_settings, "cf_model": cf_model_fingerprint(cf_model) if cf_model is not None else None}
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
@@ -324,17 +350,18 @@ def fit_sft(
         log.warning("sft_train: dropped %d train / %d valid examples longer than max_length=%d", dropped_train, dropped_eval, max_length)
 
     callbacks = list(callbacks or [])
+    recall_job = None
     if selection["metric"] == "valid_recall":
-        if nproc > 1:
-            log.warning("sft_train: model_selection valid_recall is single-process only; torchrun ranks select on eval_loss")
-            tcfg = {**tcfg, "model_selection": {**selection, "metric": "eval_loss"}}
+        if nproc > 1:  # each rank scores its share of the users and all-reduces the hits (launcher)
+            recall_job = valid_recall_job(item_scids, seq_eval_prompts, selection, seed)
         else:
             callbacks.append(valid_recall_callback(recall_scorer(rec, item_scids, seq_eval_prompts, selection, seed),
                                                    selection_metric(tcfg)))
     # The history labels of positions=all_labelled come from SASRec per batch; the response's are in the rows.
     batch_cf = cf_model if tca is not None and tca.positions == "all_labelled" and tca.label == "cf" else None
     if nproc > 1:  # torchrun gives each worker one thread on CPU
-        rec, result = fit_distributed(rec, train_rows, eval_rows, tcfg, seed, output_dir, nproc, tca, batch_cf)
+        rec, result = fit_distributed(rec, train_rows, eval_rows, tcfg, seed, output_dir, nproc, tca, batch_cf,
+                                       valid_recall=recall_job)
     else:
         threads, previous = cpu_threads(tcfg.get("torch_threads", "auto")), torch.get_num_threads()
         if threads:

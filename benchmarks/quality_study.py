@@ -663,6 +663,16 @@ PAIRS = [
     (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "SP-DPO reachable, de-noised, NDCG selection (issue 25)")),
     (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "+ RF-DPO, hard stage liked vs top-ranked disliked (issue 25)")),
     (("Table 5: DPO", "SFT only"), ("Table 5: DPO", "SP-DPO reachable, 2,048 prompts a stage, no sign test (issue 25)")),
+    # Table 5's ablations against the paper's setting
+    (("Table 5: DPO", "SFT only"), ("Table 5: DPO", "Softmax-DPO, random negatives")),
+    (("Table 5: DPO", "SP-DPO w/o curriculum"), ("Table 5: DPO", "SP-DPO curriculum")),
+    (("Table 5: DPO", "+ RF-DPO mixed"), ("Table 5: DPO", "+ RF-DPO progressive (full)")),
+    (("Table 5: DPO", "SP-DPO curriculum"), ("Table 5: DPO", "SP-DPO reachable, 2,048 prompts a stage, no sign test (issue 25)")),
+    # issue 26: TCA4Rec at every labelled position against CE and against the uniform-label control
+    (("Alignment levels", "+ token & behaviour level (dual SCIDs, B2, user SCID) = SFT"),
+     ("Beyond the paper", "LM with TCA4Rec at every labelled position (issue 26)")),
+    (("Beyond the paper", "control: uniform labels at every labelled position"),
+     ("Beyond the paper", "LM with TCA4Rec at every labelled position (issue 26)")),
     # issue 26: the hybrid against our SASRec and against the LM alone
     (("Beyond the paper", "SASRec (CE)"), ("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)")),
     (("Beyond the paper", "LM alone (SFT)"), ("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)")),

@@ -98,6 +98,14 @@ RUNS: dict[str, Run] = {
                               "sp_dpo_curriculum.selection.max_p_value": None}, SP_STAGES,
             "dpo_reach with 2,048 prompts a stage and selection without the sign test (select half, confirmed higher "
             "on the other half)"),
+        # Issue 26: TCA4Rec (SASRec's token distribution mixed into the LM's targets) at every labelled item position
+        # (the SEQ response and, with history_loss, every history item), against the CE objective of `full` and a
+        # uniform-label control (the same mixing weight, no CF signal). alpha: conf/base (0.3).
+        Run("tca_all", {"sft_train.objective": "tca4rec", "sft_train.tca4rec.positions": "all_labelled"}, SFT_STAGES,
+            "TCA4Rec at every labelled position (SEQ response + history items), labels from SASRec"),
+        Run("tca_uniform", {"sft_train.objective": "tca4rec", "sft_train.tca4rec.positions": "all_labelled",
+                            "sft_train.tca4rec.label": "uniform"}, SFT_STAGES,
+            "control: the same mixing at every labelled position with a uniform label (no CF signal)"),
         Run("rf_disliked_hard", {"rf_dpo.hard_stage": "disliked_hard"}, STAGES,
             "RF-DPO whose hard stage is liked vs the disliked items the policy ranks highest (rating data)"),
         # Table 4: SFT task groups added one after the other (dual SCIDs throughout).
@@ -181,6 +189,8 @@ LINES: list[Line] = [
     Line("Beyond the paper", "SASRec (CE)", "dpo_reach", "sasrec"),
     Line("Beyond the paper", "LM alone (SFT)", "dpo_reach", "sft"),
     Line("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)", "dpo_reach", "align3gr_cf"),
+    Line("Beyond the paper", "LM with TCA4Rec at every labelled position (issue 26)", "tca_all", "sft"),
+    Line("Beyond the paper", "control: uniform labels at every labelled position", "tca_uniform", "sft"),
     Line("Leave one task out (SFT)", "full SFT mix", "full", "sft"),
     *[Line("Leave one task out (SFT)", f"- {g.upper()} ({', '.join(tasks)})", f"loo_{g}", "sft") for g, tasks in LOO_GROUPS.items()],
     Line("Leave one task out (SFT)", "- user SCID in prompts", "loo_user_scid", "sft"),

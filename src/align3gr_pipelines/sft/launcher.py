@@ -82,6 +82,12 @@ def fit_distributed(
 def _worker(job_dir: str) -> None:
     """One torchrun rank: train on the job's data; rank 0 writes the final model and the summary."""
     job = Path(job_dir)
+    if os.environ.get("RANK", "0") == "0":  # a rank is a fresh interpreter: our INFO lines (valid recall) would be lost
+        ours = logging.getLogger("align3gr_pipelines")
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s rank 0 %(levelname)s %(message)s"))
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
     spec = json.loads((job / "config.json").read_text())
     data = torch.load(job / "data.pt")
     rec = RecLM.from_pretrained(spec["init"], device="cpu", trainable=True,

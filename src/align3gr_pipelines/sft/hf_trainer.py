@@ -3,8 +3,10 @@ checkpoint selection (eval loss or valid recall), resume from the last complete 
 
 Examples are laid out as the contract says, ``encode_prompt(tok, prompt) + encode_response(tok, response)``,
 and the loss is the causal-LM cross-entropy on the response tokens only (prompt positions are labelled -100),
-or `tca4rec.TCA4Rec.loss` on rows that carry TCA4Rec fields. The same loop runs in one process
-(`trainer.fit_sft`) and in each torchrun rank (`launcher`).
+or `tca4rec.TCA4Rec.loss` on rows that carry TCA4Rec fields. With ``trainer.logits: labelled`` the
+cross-entropy applies the output layer to the labelled positions only (the same loss, a fraction of the cost:
+on SFT batches most positions are prompt or padding). The same loop runs in one process (`trainer.fit_sft`)
+and in each torchrun rank (`launcher`).
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from align3gr_pipelines.devices import pick_device
 from align3gr_pipelines.lm.rec_lm import encode_response
@@ -330,8 +335,13 @@ def train_causal_lm(
         model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input under frozen embeddings
     if tca4rec is not None and compute_loss_func is not None:
         raise ValueError("sft_train: give either compute_loss_func or tca4rec, not both")
-    trainer_class = Trainer if tca4rec is None else _tca4rec_trainer_class()
-    extra = {} if tca4rec is None else {"tca4rec": tca4rec, "cf_model": cf_model}
+    head = _labelled_logits_head(model, logits_setting(cfg), tca4rec is not None, compute_loss_func is not None)
+    if tca4rec is not None:
+        trainer_class, extra = _tca4rec_trainer_class(), {"tca4rec": tca4rec, "cf_model": cf_model}
+    elif head is not None:
+        trainer_class, extra = _labelled_logits_trainer_class(), {"head": head}
+    else:
+        trainer_class, extra = Trainer, {}
     trainer = trainer_class(
         **extra,
         model=model,
@@ -363,9 +373,147 @@ def train_causal_lm(
         early_stopped=int(state.global_step) < int(state.max_steps),
         best_eval_loss=float(min(evals)) if evals else None,
     )
+    result.extra["logits"] = "labelled" if head is not None else "all"  # what ran: a fallback shows here
     if tca4rec is not None:
         result.extra["tca4rec_coverage"] = trainer.tca4rec_coverage()
     return trainer, result
+
+
+# ---------------------------------------------------------------------------- logits of labelled positions
+
+LOGITS_SETTINGS = ("labelled", "all")
+
+
+def logits_setting(cfg: dict[str, Any]) -> str:
+    """`trainer.logits`: labelled = the CE objective's output layer runs on the labelled positions only; all =
+    the model's own loss over logits at every position (the behaviour before the key existed, hence the
+    default when it is absent)."""
+    value = cfg.get("logits", "all")
+    if value not in LOGITS_SETTINGS:
+        raise ValueError(f"sft_train.trainer.logits must be one of {LOGITS_SETTINGS}, got {value!r}")
+    return value
+
+
+def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep [B, L], targets [N]): position t predicts label t+1, as in the HF causal-LM loss (the last
+    position predicts nothing); keep marks the positions whose target is labelled, targets lists those
+    targets in row-major order (the order of ``hidden[keep]``)."""
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    keep = shifted != IGNORE_INDEX
+    return keep, shifted[keep]
+
+
+def labelled_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    """HF's ForCausalLMLoss reduction over logits [N, V] of labelled positions only: float32, then the mean
+    over the N targets, or their sum over `num_items_in_batch` (the accumulated batch's labelled count) when
+    it is given. No labelled position gives NaN with the mean and 0 with the sum, as there."""
+    if num_items_in_batch is None:
+        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def output_head(model: Any) -> torch.nn.Module | None:
+    """The module a causal LM (PEFT-wrapped or not) applies to its last hidden state to get logits, when its
+    loss is HF's causal-LM cross-entropy (which `labelled_cross_entropy` reproduces); None otherwise."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if getattr(base, "loss_function", None) is not ForCausalLMLoss:
+        return None
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+@contextmanager
+def head_on_rows(head: torch.nn.Module, keep: torch.Tensor) -> Iterator[list[int]]:
+    """While open, `head` (an output layer) is fed only the hidden states at `keep` ([B, L] -> [N, H] rows),
+    so the model's forward returns logits [N, V]. The selection happens inside the model's own forward, so
+    DDP / FSDP / DeepSpeed wrappers, PEFT adapters and activation checkpointing all see an ordinary forward.
+    Yields the list of the head's calls (one entry per call) for the caller to check."""
+    calls: list[int] = []
+
+    def select(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        if tuple(hidden.shape[:-1]) != tuple(keep.shape):
+            raise RuntimeError(
+                f"sft_train.trainer.logits=labelled: the output layer got hidden states of shape {tuple(hidden.shape)}, "
+                f"expected [batch, length, hidden] with batch, length = {tuple(keep.shape)}; this model computes its "
+                "logits differently; set sft_train.trainer.logits: all"
+            )
+        calls.append(1)
+        return (hidden[keep.to(hidden.device)], *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def cross_rank_factor(trainer: Any, num_items_in_batch: Any) -> int:
+    """What the HF Trainer multiplies the model's loss by when ``average_tokens_across_devices`` made
+    num_items_in_batch count every rank's labelled tokens: DDP then averages the ranks' gradients, and the factor
+    turns that mean back into the sum over ranks, i.e. the whole global batch's per-token mean. 1 in one process."""
+    if not (trainer.args.average_tokens_across_devices and trainer.model_accepts_loss_kwargs and num_items_in_batch is not None):
+        return 1
+    return trainer.accelerator.num_processes // trainer.get_tp_size() if trainer.args.n_gpu <= 1 else trainer.args.n_gpu
+
+
+def _labelled_logits_head(model: Any, setting: str, tca4rec: bool, custom_loss: bool) -> torch.nn.Module | None:
+    """The output layer `LabelledLogitsTrainer` restricts, or None where the logits stay at every position:
+    setting all, the TCA4Rec objective (its own loss reads every position's logits), a custom
+    compute_loss_func (it is given the model's outputs), or a model without a recognisable output layer."""
+    if setting != "labelled" or tca4rec:
+        return None
+    if custom_loss:
+        log.info("sft_train: a custom compute_loss_func reads the full logits; trainer.logits=labelled does not apply")
+        return None
+    head = output_head(model)
+    if head is None:
+        log.warning("sft_train.trainer.logits=labelled: %s has no output layer (get_output_embeddings) under HF's "
+                    "causal-LM loss; computing the logits at every position instead (as logits: all)", type(model).__name__)
+    return head
+
+
+def _labelled_logits_trainer_class() -> type:
+    from transformers import Trainer
+
+    class LabelledLogitsTrainer(Trainer):
+        """The causal-LM cross-entropy with the output layer run on the labelled positions only. The loss is
+        HF's (shift, float32, mean or sum / num_items_in_batch, the cross-device factor), up to float rounding."""
+
+        def __init__(self, *args: Any, head: torch.nn.Module, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.head = head
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if "labels" not in inputs:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            keep, targets = shifted_targets(labels)
+            with head_on_rows(self.head, keep) as calls:
+                outputs = model(**inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            if len(calls) != 1 or tuple(logits.shape[:-1]) != tuple(targets.shape):
+                raise RuntimeError(
+                    f"sft_train.trainer.logits=labelled: the output layer ran {len(calls)} times and the model returned "
+                    f"logits of shape {tuple(logits.shape)} for {targets.numel()} labelled positions; this model does "
+                    "not compute its logits as one output layer over the last hidden state; set sft_train.trainer.logits: all"
+                )
+            # As the model's own loss: normalised by the accumulated batch's labelled count only when the
+            # Trainer hands that count to the model (else a per-batch mean the Trainer divides by GA steps).
+            n_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+            loss = labelled_cross_entropy(logits, targets.to(logits.device), n_items)
+            loss = loss * cross_rank_factor(self, num_items_in_batch)
+            if isinstance(outputs, dict):
+                outputs["loss"] = loss
+            return (loss, outputs) if return_outputs else loss
+
+    return LabelledLogitsTrainer
 
 
 def _tca4rec_trainer_class() -> type:
@@ -405,6 +553,9 @@ def _tca4rec_trainer_class() -> type:
             loss = self.tca4rec.loss(outputs.logits, labels, fields["tca_row"], fields["tca_start"],
                                      num_items_in_batch=n_items, dist=fields.get("tca_dist"), history_rows=history,
                                      history_starts=fields.get("tca_hist_starts"), cf_model=self.cf_model)
+            # HF's compute_loss scales a model loss summed over num_items_in_batch (the tokens of all ranks) by
+            # the world size before DDP averages gradients; without it a torchrun TCA4Rec step is 1/N too small.
+            loss = loss * cross_rank_factor(self, n_items)
             self.counts["micro_batches"] += 1
             self.counts["response"] += int((fields["tca_row"] >= 0).sum())
             if history is not None:

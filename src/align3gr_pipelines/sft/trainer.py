@@ -30,6 +30,7 @@ from align3gr_pipelines.sft.hf_trainer import (
     SHARDED_TRAINING_KEYS,
     TrainResult,
     encode_examples,
+    logits_setting,
     selection_metric,
     selection_settings,
     train_causal_lm,
@@ -42,8 +43,10 @@ from align3gr_pipelines.tokenizer.scid import split_tokens
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "run_fingerprint.json"
-# Trainer settings that do not change what is trained: a rerun may change them and still resume.
-RESUME_NEUTRAL = ("output_dir", "progress_bar", "keep_checkpoints", "torch_threads", "launch_timeout_s")
+# Trainer settings that do not change what is trained: a rerun may change them and still resume. `logits`
+# changes only where the CE objective's output layer runs (the same loss up to float rounding, as torch_threads),
+# so work dirs from before the key existed still resume.
+RESUME_NEUTRAL = ("output_dir", "progress_bar", "keep_checkpoints", "torch_threads", "launch_timeout_s", "logits")
 
 
 # ----------------------------------------------------------------------------- TCA4Rec objective
@@ -264,6 +267,7 @@ def fit_sft(
     torch.manual_seed(seed)
     tcfg = cfg["trainer"]
     selection = selection_settings(tcfg)
+    logits_setting(tcfg)  # a bad value fails here, not inside the torchrun ranks
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise RuntimeError(
             "sft_train: do not start `kedro run` under torchrun/accelerate; run it once and set "

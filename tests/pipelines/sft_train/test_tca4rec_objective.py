@@ -49,7 +49,7 @@ def curve(metrics: dict, name: str) -> list[float]:
 
 
 def test_alpha_zero_trains_exactly_like_plain_sft(tmp_path, toy, examples, sasrec):
-    ce_params = tiny_train_params(tmp_path / "ce", max_steps=4, eval_steps=2, torch_threads=1)
+    ce_params = tiny_train_params(tmp_path / "ce", max_steps=4, eval_steps=2, torch_threads=1, logits="all")  # TCA4Rec computes every position's logits
     ce, ce_metrics = fit_sft(examples, toy["item_scids"], toy["user_scids"], ce_params, seed=0)
     tca, tca_metrics = fit_sft(examples, toy["item_scids"], toy["user_scids"], tca_params(tmp_path / "t0", 0.0),
                                seed=0, cf_model=sasrec)

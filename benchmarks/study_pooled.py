@@ -36,24 +36,27 @@ def write_per_case(data: Path, dst: Path) -> bool:
     return True
 
 
-def per_case_of(out: Path, run: str, model: str) -> pd.DataFrame:
-    """Every finished seed's per-case rows of `run`/`model` (columns seed, user_id, case, metrics)."""
+def per_case_of(out: Path, run: str, model: str, seeds: set[int] | None = None) -> pd.DataFrame:
+    """Every finished seed's (or those of `seeds`) per-case rows of `run`/`model` (columns seed, user_id, case,
+    metrics)."""
     frames = []
     for path in sorted((out / "results" / run).glob(f"seed*/{PER_CASE_FILE}")):
+        if seeds is not None and int(path.parent.name[4:]) not in seeds:
+            continue
         table = pd.read_parquet(path)
         frames.append(table[table["model"] == model].assign(seed=int(path.parent.name[4:])))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
 def pooled_pairs(out: Path, pairs: list[tuple[tuple[str, str], tuple[str, str]]], run_model: dict[tuple[str, str], tuple[str, str]],
-                 n_boot: int = 2000) -> list[dict[str, Any]]:
+                 n_boot: int = 2000, seeds: set[int] | None = None) -> list[dict[str, Any]]:
     """For each (a, b) pair of report lines: Δ = b − a per metric over the seeds both have, user-cluster
     bootstrap 95% CI and MDE (80% power, two-sided 0.05). `run_model` maps a line to its (run, model)."""
     found = []
     for a, b in pairs:
         if a not in run_model or b not in run_model:
             continue
-        ca, cb = per_case_of(out, *run_model[a]), per_case_of(out, *run_model[b])
+        ca, cb = per_case_of(out, *run_model[a], seeds), per_case_of(out, *run_model[b], seeds)
         if ca.empty or cb.empty:
             continue
         seeds = sorted(set(ca["seed"]) & set(cb["seed"]))
@@ -69,7 +72,8 @@ def pooled_pairs(out: Path, pairs: list[tuple[tuple[str, str], tuple[str, str]]]
     return found
 
 
-def pooled_table(pooled: list[dict[str, Any]]) -> list[str]:
+def pooled_table(pooled: list[dict[str, Any]], by_row: bool = False) -> list[str]:
+    """Markdown rows; each side named by its report line's last part, or by_row by its run/model."""
     if not pooled:
         return ["no per-case results yet (jobs finished before per-case metrics were recorded have none)"]
     lines = ["| b − a | metric | seeds | mean a → b | Δ pooled [95% CI] | MDE (80%) | discordant | users | verdict |",
@@ -79,8 +83,51 @@ def pooled_table(pooled: list[dict[str, Any]]) -> list[str]:
             verdict = "b higher" if p["delta"] > 0 else "b lower"
         else:
             verdict = "no difference shown" + (" (|Δ| < MDE)" if abs(p["delta"]) < p["mde"] else "")
-        lines.append(f"| '{p['b'].split(' / ')[-1]}' − '{p['a'].split(' / ')[-1]}' | {p['metric']} | "
+        a, b = (p["a_row"], p["b_row"]) if by_row else (p["a"].split(" / ")[-1], p["b"].split(" / ")[-1])
+        lines.append(f"| '{b}' − '{a}' | {p['metric']} | "
                      f"{','.join(map(str, p['seeds']))} | {p['mean_a']:.4f} → {p['mean_b']:.4f} | "
                      f"{p['delta']:+.4f} [{p['ci_low']:+.4f}, {p['ci_high']:+.4f}] | {p['mde']:.4f} | "
                      f"{p['discordant']:.1%} | {p['n_users']} | {verdict} |")
     return lines
+
+
+def _row(spec: str) -> tuple[str, str]:
+    run, sep, model = spec.partition("/")
+    if not sep or not run or not model:
+        raise SystemExit(f"--pair: expected RUN/MODEL:RUN/MODEL (e.g. full/sasrec:full_cfv/align3gr_cf), got {spec!r}")
+    return run, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Pooled paired Δs of any rows of a study folder, outside the report's fixed pairs:
+
+        python benchmarks/study_pooled.py --out STUDY --pair full/sft:tca_all/sft+tca4rec [--pair ...] [--json F]
+    """
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="pooled paired test deltas (b − a) of study rows, user-cluster bootstrap")
+    ap.add_argument("--out", type=Path, required=True, help="the study folder (holds results/<run>/seed<N>/)")
+    ap.add_argument("--pair", action="append", required=True, metavar="A_RUN/MODEL:B_RUN/MODEL")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds to keep (default: every seed both rows have)")
+    ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = ap.parse_args(argv)
+    pairs, run_model = [], {}
+    for spec in args.pair:
+        a_spec, sep, b_spec = spec.partition(":")
+        if not sep:
+            raise SystemExit(f"--pair: expected A_RUN/MODEL:B_RUN/MODEL, got {spec!r}")
+        a, b = _row(a_spec), _row(b_spec)
+        run_model[a], run_model[b] = a, b
+        pairs.append((a, b))
+    keep = {int(s) for s in args.seeds.split(",")} if args.seeds else None
+    found = pooled_pairs(args.out, pairs, run_model, n_boot=args.n_boot, seeds=keep)
+    print("\n".join(pooled_table(found, by_row=True)))
+    if args.json:
+        args.json.write_text(json.dumps(found, indent=1, default=float))
+    return 0 if found else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

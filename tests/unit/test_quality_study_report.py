@@ -128,3 +128,11 @@ def test_per_case_results_give_pooled_paired_deltas_with_a_cluster_ci_and_mde(tm
     assert pooled["ci_low"] <= pooled["delta"] <= pooled["ci_high"] and pooled["mde"] > 0
     assert any("no difference shown" in line or "b higher" in line for line in study_pooled.pooled_table(doc["pooled_paired_differences"]))
     json.dumps(doc)
+    # The command line compares any two rows, on the seeds asked for.
+    out_json = tmp_path / "pairs.json"
+    assert study_pooled.main(["--out", str(tmp_path), "--pair", "full/sasrec:full/rf_dpo_hard", "--seeds", "42",
+                              "--json", str(out_json)]) == 0
+    one_seed = next(p for p in json.loads(out_json.read_text()) if p["metric"] == "recall@10")
+    assert one_seed["seeds"] == [42] and one_seed["delta"] == pytest.approx(1 / 6)
+    with pytest.raises(SystemExit, match="RUN/MODEL"):
+        study_pooled.main(["--out", str(tmp_path), "--pair", "full:full/rf_dpo_hard"])

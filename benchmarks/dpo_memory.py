@@ -11,6 +11,8 @@ pipeline does: `RecLM.from_pretrained` (what the catalog's sft_model load does) 
 model's bytes, the process RSS before the stage and its peak during the stage (VmHWM reset by
 /proc/self/clear_refs just before), their difference, and whether the stage's output shares its frozen base
 with the input (same storage). Only the stage's peak is compared, so the load's transient copies do not count.
+The *_lean configurations run the stage with ``lean_token_rows`` (`lm.lean_token_rows`: no merged
+[vocab, hidden] copy of the SCID rows' layers per forward).
 """
 from __future__ import annotations
 
@@ -39,10 +41,13 @@ from align3gr_pipelines.tokenizer.scid import scid_token  # noqa: E402
 SHAPE = dict(hidden_size=1024, num_hidden_layers=12, num_attention_heads=16, intermediate_size=2816, vocab_size=32000)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=600)
 LORA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CONFIGS = {  # name -> (dtype, in_place)
-    "copy_float32": ("float32", False),  # what the stage did before issue 27 on every device
-    "in_place_float32": ("float32", True),
-    "in_place_bfloat16": ("bfloat16", True),  # what dtype auto gives a LoRA base on a CUDA GPU
+CONFIGS = {  # name -> (dtype, in_place, lean_token_rows)
+    "copy_float32": ("float32", False, False),  # what the stage did before issue 27 on every device
+    "in_place_float32": ("float32", True, False),
+    "in_place_bfloat16": ("bfloat16", True, False),  # what dtype auto gives a LoRA base on a CUDA GPU
+    # + lm.lean_token_rows: no merged [vocab, hidden] copy of the embedding and LM head per forward
+    "in_place_float32_lean": ("float32", True, True),
+    "in_place_bfloat16_lean": ("bfloat16", True, True),
 }
 
 
@@ -91,20 +96,20 @@ def setup(work: Path, shape: dict[str, Any], scids: list[str], seed: int) -> Pat
 
 
 def child(sft: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    dtype, in_place = CONFIGS[name]
+    dtype, in_place, lean = CONFIGS[name]
     torch.set_num_threads(1)
     policy = RecLM.from_pretrained(str(sft), device="cpu", dtype=dtype)
     model_bytes = sum(p.numel() * p.element_size() for p in policy.model.parameters())
     base_ptrs = {n: p.data_ptr() for n, p in policy.model.named_parameters() if not p.requires_grad and "lora_" not in n}
     pairs = _pairs(_scids(args.n_items, args.seed), args.pairs, args.history, args.rejected, args.seed)
     cfg = DPOConfig(batch_size=args.batch, ref_batch_size=args.batch, learning_rate=1e-4, device="cpu", show_progress=False,
-                    in_place=in_place)
+                    in_place=in_place, lean_token_rows=lean)
     rss_before = _status_kb("VmRSS") * 1024
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak below is the stage's own
     new, metrics = train_stage(policy, pairs, cfg, args.seed, "sp_dpo_easy", "sft")
     peak = _status_kb("VmHWM") * 1024
     now = dict(new.model.named_parameters())
-    return {"config": name, "dtype": dtype, "in_place": in_place, "model_bytes": model_bytes,
+    return {"config": name, "dtype": dtype, "in_place": in_place, "lean_token_rows": lean, "model_bytes": model_bytes,
             "params": sum(p.numel() for p in policy.model.parameters()),
             "rss_before_stage": rss_before, "peak_rss_stage": peak, "stage_extra_bytes": peak - rss_before,
             "peak_over_model_bytes": peak / model_bytes, "extra_over_model_bytes": (peak - rss_before) / model_bytes,

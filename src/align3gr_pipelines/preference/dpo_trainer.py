@@ -32,6 +32,7 @@ checkpoint replaces the input policy only if it beats it on the other half too (
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm
 
 from align3gr_pipelines.evaluation import valid_recall
 from align3gr_pipelines.lm.constrained_decoding import cache_argument, output_cache
+from align3gr_pipelines.lm.lean_token_rows import lean_token_rows
 from align3gr_pipelines.lm.precision import autocast as autocast_context
 from align3gr_pipelines.lm.precision import check_autocast_setting
 from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt, encode_response
@@ -85,6 +87,11 @@ class DPOConfig:
     nproc_per_node: int = 1
     # Seconds the torchrun job may take before its processes are ended and the stage fails; None = no limit.
     launch_timeout_s: float | None = None
+    # true: PEFT's trainable-token layers (the SCID rows of the embedding and untied LM head) run
+    # `lm.lean_token_rows`'s forward during the stage, which never builds their merged [vocab, hidden] weight
+    # (PEFT copies it on every forward and keeps the head's copy for the backward); same values and gradients
+    # (the head's to float32 rounding). false: PEFT's forward (before issue 27).
+    lean_token_rows: bool = False
 
     @classmethod
     def from_params(cls, params: dict[str, Any], where: str) -> "DPOConfig":
@@ -110,6 +117,8 @@ class DPOConfig:
             )
         if cfg.launch_timeout_s is not None and not float(cfg.launch_timeout_s) > 0:
             raise ValueError(f"{where}.launch_timeout_s must be > 0 or null, got {cfg.launch_timeout_s}")
+        if not isinstance(cfg.lean_token_rows, bool):
+            raise ValueError(f"{where}.lean_token_rows must be true or false, got {cfg.lean_token_rows!r}")
         return cfg
 
 
@@ -478,7 +487,26 @@ def train_dpo(
     forward runs the model twice (prompt, then responses on its KV cache) and the last micro-batch can leave a
     rank no example, which DDP's one-forward-per-backward hooks do not allow. ``evaluate`` must then be
     collective and return the same scores on every rank (`dpo_launcher` gathers the decoded lists), so every
-    rank takes the same selection decisions."""
+    rank takes the same selection decisions.
+
+    ``cfg.lean_token_rows``: every forward of the stage (reference, training, drift, selection) runs with
+    `lean_token_rows` on ``model``."""
+    with lean_token_rows(model) if cfg.lean_token_rows else contextlib.nullcontext():
+        return _train_dpo(model, examples, cfg, pad_id, seed, evaluate, selection, input_score, ranks)
+
+
+def _train_dpo(
+    model: Any,
+    examples: list[PreferenceExample],
+    cfg: DPOConfig,
+    pad_id: int,
+    seed: int,
+    evaluate: Callable[[Any], Any] | None,
+    selection: Selection | None,
+    input_score: float | None,
+    ranks: Ranks | None,
+) -> DPOResult:
+    """`train_dpo`'s loop."""
     if not examples:
         raise ValueError("DPO: no preference pairs to train on")
     sharded = ranks is not None and ranks.world_size > 1

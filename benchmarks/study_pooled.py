@@ -49,14 +49,15 @@ def per_case_of(out: Path, run: str, model: str, seeds: set[int] | None = None) 
 
 
 def pooled_pairs(out: Path, pairs: list[tuple[tuple[str, str], tuple[str, str]]], run_model: dict[tuple[str, str], tuple[str, str]],
-                 n_boot: int = 2000, seeds: set[int] | None = None) -> list[dict[str, Any]]:
+                 n_boot: int = 2000, only_seeds: set[int] | None = None) -> list[dict[str, Any]]:
     """For each (a, b) pair of report lines: Δ = b − a per metric over the seeds both have, user-cluster
-    bootstrap 95% CI and MDE (80% power, two-sided 0.05). `run_model` maps a line to its (run, model)."""
+    bootstrap 95% CI and MDE (80% power, two-sided 0.05). `run_model` maps a line to its (run, model);
+    `only_seeds` keeps those seeds' results only (None: every seed)."""
     found = []
     for a, b in pairs:
         if a not in run_model or b not in run_model:
             continue
-        ca, cb = per_case_of(out, *run_model[a], seeds), per_case_of(out, *run_model[b], seeds)
+        ca, cb = per_case_of(out, *run_model[a], only_seeds), per_case_of(out, *run_model[b], only_seeds)
         if ca.empty or cb.empty:
             continue
         seeds = sorted(set(ca["seed"]) & set(cb["seed"]))
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         run_model[a], run_model[b] = a, b
         pairs.append((a, b))
     keep = {int(s) for s in args.seeds.split(",")} if args.seeds else None
-    found = pooled_pairs(args.out, pairs, run_model, n_boot=args.n_boot, seeds=keep)
+    found = pooled_pairs(args.out, pairs, run_model, n_boot=args.n_boot, only_seeds=keep)
     print("\n".join(pooled_table(found, by_row=True)))
     if args.json:
         args.json.write_text(json.dumps(found, indent=1, default=float))

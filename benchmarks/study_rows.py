@@ -199,6 +199,8 @@ LINES: list[Line] = [
     Line("Beyond the paper", "align3gr_cf: SFT LM + w x SASRec, w chosen on valid (issue 26)", "dpo_reach", "align3gr_cf"),
     Line("Beyond the paper", "LM with TCA4Rec at every labelled position (issue 26)", "tca_all", "sft+tca4rec"),
     Line("Beyond the paper", "control: uniform labels at every labelled position", "tca_uniform", "sft+tca4rec"),
+    Line("Beyond the paper", "LM with TCA4Rec at every labelled position, alpha 0.1", "tca_all_a01", "sft+tca4rec"),
+    Line("Beyond the paper", "align3gr_cf, w chosen on every valid user", "full_cfv", "align3gr_cf"),
     Line("Leave one task out (SFT)", "full SFT mix", "full", "sft"),
     *[Line("Leave one task out (SFT)", f"- {g.upper()} ({', '.join(tasks)})", f"loo_{g}", "sft") for g, tasks in LOO_GROUPS.items()],
     Line("Leave one task out (SFT)", "- user SCID in prompts", "loo_user_scid", "sft"),

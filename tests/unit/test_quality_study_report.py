@@ -134,5 +134,12 @@ def test_per_case_results_give_pooled_paired_deltas_with_a_cluster_ci_and_mde(tm
                               "--json", str(out_json)]) == 0
     one_seed = next(p for p in json.loads(out_json.read_text()) if p["metric"] == "recall@10")
     assert one_seed["seeds"] == [42] and one_seed["delta"] == pytest.approx(1 / 6)
+    # A pair whose rows share one seed does not narrow the next pair's seeds.
+    import shutil
+    shutil.copytree(tmp_path / "results" / "full" / "seed42", tmp_path / "results" / "one" / "seed42")
+    a, b1, b2 = ("t", "sasrec"), ("t", "one"), ("t", "full")
+    rows = {a: ("full", "sasrec"), b1: ("one", "rf_dpo_hard"), b2: ("full", "rf_dpo_hard")}
+    seeds = {p["b_row"]: p["seeds"] for p in study_pooled.pooled_pairs(tmp_path, [(a, b1), (a, b2)], rows)}
+    assert seeds == {"one/rf_dpo_hard": [42], "full/rf_dpo_hard": [42, 43]}
     with pytest.raises(SystemExit, match="RUN/MODEL"):
         study_pooled.main(["--out", str(tmp_path), "--pair", "full:full/rf_dpo_hard"])

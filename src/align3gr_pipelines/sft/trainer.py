@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from align3gr_pipelines.cpu_threads import free_cores
 from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
 from align3gr_pipelines.lm.rec_lm import RecLM
 from align3gr_pipelines.sft.hf_trainer import (
@@ -233,13 +234,16 @@ def history_label_flags(train_df: pd.DataFrame, tcfg: dict[str, Any]) -> list[bo
 
 
 def cpu_threads(setting: Any) -> int | None:
-    """Intra-op threads for CPU training: 'auto' leaves one core free (torch's spinning workers collapse,
-    4x on our 2-core machines, as soon as anything else wants a core); an int forces; None = torch's default."""
+    """Intra-op threads for CPU training: 'auto' takes the cores no other process is using when training starts
+    (`cpu_threads.free_cores`: torch's spinning workers collapse as soon as anything else wants their core); an
+    int forces; None = torch's default."""
     if setting is None or torch.cuda.is_available():
         return None
     if setting == "auto":
-        return max(1, (os.cpu_count() or 1) - 1)
-    return max(1, int(setting))
+        return free_cores()
+    if isinstance(setting, bool) or not str(setting).strip().isdigit() or int(setting) < 1:
+        raise ValueError(f"sft_train.trainer.torch_threads must be auto, null or an integer >= 1, got {setting!r}")
+    return int(setting)
 
 
 def fit_sft(

@@ -679,6 +679,8 @@ PAIRS = [
     # the alpha grid's other point, and the hybrid with w chosen on every valid user (rows full_cfv, tca_all_a01)
     (("Alignment levels", "+ token & behaviour level (dual SCIDs, B2, user SCID) = SFT"),
      ("Beyond the paper", "LM with TCA4Rec at every labelled position, alpha 0.1")),
+    (("Beyond the paper", "control: uniform labels at every labelled position, alpha 0.1"),
+     ("Beyond the paper", "LM with TCA4Rec at every labelled position, alpha 0.1")),
     (("Table 1: overall", "SASRec"), ("Beyond the paper", "align3gr_cf, w chosen on every valid user")),
     (("Alignment levels", "+ token & behaviour level (dual SCIDs, B2, user SCID) = SFT"),
      ("Beyond the paper", "align3gr_cf, w chosen on every valid user")),

@@ -114,6 +114,9 @@ RUNS: dict[str, Run] = {
         Run("tca_all_a01", {"sft_train.objective": "tca4rec", "sft_train.tca4rec.positions": "all_labelled",
                             "sft_train.tca4rec.alpha": 0.1}, SFT_STAGES,
             "TCA4Rec at every labelled position with alpha 0.1 (alpha grid)"),
+        Run("tca_uniform_a01", {"sft_train.objective": "tca4rec", "sft_train.tca4rec.positions": "all_labelled",
+                                "sft_train.tca4rec.label": "uniform", "sft_train.tca4rec.alpha": 0.1}, SFT_STAGES,
+            "control for tca_all_a01: uniform labels at every labelled position, alpha 0.1"),
         Run("rf_disliked_hard", {"rf_dpo.hard_stage": "disliked_hard"}, STAGES,
             "RF-DPO whose hard stage is liked vs the disliked items the policy ranks highest (rating data)"),
         # Table 4: SFT task groups added one after the other (dual SCIDs throughout).
@@ -200,6 +203,7 @@ LINES: list[Line] = [
     Line("Beyond the paper", "LM with TCA4Rec at every labelled position (issue 26)", "tca_all", "sft+tca4rec"),
     Line("Beyond the paper", "control: uniform labels at every labelled position", "tca_uniform", "sft+tca4rec"),
     Line("Beyond the paper", "LM with TCA4Rec at every labelled position, alpha 0.1", "tca_all_a01", "sft+tca4rec"),
+    Line("Beyond the paper", "control: uniform labels at every labelled position, alpha 0.1", "tca_uniform_a01", "sft+tca4rec"),
     Line("Beyond the paper", "align3gr_cf, w chosen on every valid user", "full_cfv", "align3gr_cf"),
     Line("Leave one task out (SFT)", "full SFT mix", "full", "sft"),
     *[Line("Leave one task out (SFT)", f"- {g.upper()} ({', '.join(tasks)})", f"loo_{g}", "sft") for g, tasks in LOO_GROUPS.items()],

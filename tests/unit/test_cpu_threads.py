@@ -1,11 +1,11 @@
-"""`cpu_threads`: the threads a CPU stage takes are the cores other processes leave free."""
+"""`devices.free_cores`: the threads a CPU stage takes are the cores other processes leave free."""
 from __future__ import annotations
 
 import sys
 
 import pytest
 
-from align3gr_pipelines import cpu_threads
+from align3gr_pipelines import devices as cpu_threads
 from align3gr_pipelines.sft.trainer import cpu_threads as sft_threads
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from align3gr_pipelines.cpu_threads import free_cores
+from align3gr_pipelines.devices import free_cores
 from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
 from align3gr_pipelines.lm.rec_lm import RecLM
 from align3gr_pipelines.sft.hf_trainer import (
@@ -235,7 +235,7 @@ def history_label_flags(train_df: pd.DataFrame, tcfg: dict[str, Any]) -> list[bo
 
 def cpu_threads(setting: Any) -> int | None:
     """Intra-op threads for CPU training: 'auto' takes the cores no other process is using when training starts
-    (`cpu_threads.free_cores`: torch's spinning workers collapse as soon as anything else wants their core); an
+    (`devices.free_cores`: torch's spinning workers collapse as soon as anything else wants their core); an
     int forces; None = torch's default."""
     if setting is None or torch.cuda.is_available():
         return None

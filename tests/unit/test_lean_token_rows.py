@@ -19,7 +19,6 @@ import torch
 import yaml
 from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary, train_bpe_tokenizer
 from align3gr_pipelines.lm.lean_token_rows import lean_token_rows
 from align3gr_pipelines.preference.dpo_stage import train_stage
 from align3gr_pipelines.preference.dpo_trainer import (
@@ -30,7 +29,7 @@ from align3gr_pipelines.preference.dpo_trainer import (
     trainable_parameters,
 )
 from align3gr_pipelines.preference.self_play import build_pairs, item_code_table, sample_prompts
-from tests.pipelines.sp_dpo_curriculum.tiny_world import make_world
+from tests.pipelines.sp_dpo_curriculum.tiny_world import make_lora_rec_lm, make_world
 
 REL = 1e-5
 
@@ -38,22 +37,8 @@ REL = 1e-5
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory):
     """(world, the SFT RecLM with every trainable tensor moved off its start, 6 preference pairs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     world = make_world(n_users=8, seed=1)
-    root = tmp_path_factory.mktemp("lean")
-    texts = world.sft_examples["prompt"].tolist()[:60]
-    tok = train_bpe_tokenizer(texts, vocab_size=300)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    base.save_pretrained(str(root / "base"))
-    tok.save_pretrained(str(root / "base"))
-    cfg = {"kind": "hf", "dtype": "float32", "hf": {"name_or_path": str(root / "base"), "gguf_file": None,
-           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}}
-    policy = build_backbone(cfg, texts, scid_vocabulary(world.item_scids, world.user_scids), seed=0, item_scid_levels=3)
+    policy = make_lora_rec_lm(world, tmp_path_factory.mktemp("lean"))
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in trainable_parameters(policy.model):

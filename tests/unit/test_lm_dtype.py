@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from align3gr_pipelines.lm import precision
-from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary, train_bpe_tokenizer
+from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary
 from align3gr_pipelines.lm.constrained_decoding import constrained_beam_search, item_logprobs
 from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt
 from align3gr_pipelines.lm.scid_catalog import SCIDCatalog
 from align3gr_pipelines.preference.dpo_stage import train_stage
 from align3gr_pipelines.preference.dpo_trainer import DPOConfig, examples_from_pairs, reference_logps
 from align3gr_pipelines.preference.self_play import build_pairs, item_code_table, sample_prompts
-from tests.pipelines.sp_dpo_curriculum.tiny_world import make_world
+from tests.pipelines.sp_dpo_curriculum.tiny_world import make_lora_rec_lm, make_world
 
 CPU = torch.device("cpu")
 
@@ -126,21 +126,8 @@ def test_scratch_backbone_dtype_is_recorded_and_auto_keeps_float32(world):
 @pytest.fixture(scope="module")
 def bf16_lora_policy(world, tmp_path_factory):
     """kind hf with dtype bfloat16 over a tiny local Llama: saved, then loaded back as a DPO stage loads it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     root = tmp_path_factory.mktemp("lora")
-    texts = world.sft_examples["prompt"].tolist()[:60]
-    tok = train_bpe_tokenizer(texts, vocab_size=300)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-    base.save_pretrained(str(root / "base"))
-    tok.save_pretrained(str(root / "base"))
-    cfg = {"kind": "hf", "dtype": "bfloat16", "hf": {"name_or_path": str(root / "base"), "gguf_file": None,
-           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}}
-    built = build_backbone(cfg, texts, scid_vocabulary(world.item_scids, world.user_scids), seed=0, item_scid_levels=3)
+    built = make_lora_rec_lm(world, root, dtype="bfloat16")
     built.save_pretrained(str(root / "sft"))
     return built, root / "sft"
 

@@ -151,3 +151,25 @@ def make_world(
         policy=make_rec_lm(tok, seed),
         seq_eval_prompts=seq_eval.reset_index(drop=True),
     )
+
+
+def make_lora_rec_lm(world: "TinyWorld", root, dtype: str = "float32") -> RecLM:
+    """The SFT RecLM of kind hf (LoRA r 4 on q/v + the SCID rows as trainable tokens) over a tiny random Llama
+    with an untied head, saved under ``root/base`` as a "pretrained" model; its weights in ``dtype``."""
+    from pathlib import Path
+
+    from align3gr_pipelines.lm.backbone import build_backbone, scid_vocabulary, train_bpe_tokenizer
+
+    base_dir = Path(root) / "base"
+    texts = world.sft_examples["prompt"].tolist()[:60]
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                                        tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    base.save_pretrained(str(base_dir))
+    tok.save_pretrained(str(base_dir))
+    cfg = {"kind": "hf", "dtype": dtype, "hf": {"name_or_path": str(base_dir), "gguf_file": None,
+           "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}}
+    return build_backbone(cfg, texts, scid_vocabulary(world.item_scids, world.user_scids), seed=0, item_scid_levels=3)

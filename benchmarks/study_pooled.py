@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     keep = {int(s) for s in args.seeds.split(",")} if args.seeds else None
     found = pooled_pairs(args.out, pairs, run_model, n_boot=args.n_boot, only_seeds=keep)
     print("\n".join(pooled_table(found, by_row=True)))
-    if args.json:
-        args.json.write_text(json.dumps(found, indent=1, default=float))
+    if args.json:  # atomically: a reader never sees half a file
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(found, indent=1, default=float))
+        tmp.replace(args.json)
     return 0 if found else 1
 
 

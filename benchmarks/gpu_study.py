@@ -4,6 +4,9 @@
     python benchmarks/gpu_study.py --env ml_latest_small_gpu --data-root data/ml_latest_small \\
         --cached-stages data_prep,tokenization --rows full       # reuse a CPU run's first two stages
     python benchmarks/gpu_study.py --env base --rows full --tiny --out /tmp/r.json   # CPU, seconds to minutes
+    python benchmarks/gpu_study.py --env instruments_cpu --seed 43 --rows sft_cf,tca_all_a01 \
+        --cached-stages data_prep,tokenization --data-root carry/s43 --set evaluation.max_users.valid=2000 \
+        --results-dir study_gpu     # + results/<row>/seed43/{metrics,per_case}.parquet for study_pooled.py
 
 What it runs. Each row of benchmarks/study_rows.py is a set of parameter overrides and a list of stages;
 the stages' nodes are the project's own (each stage's ``create_pipeline()``), run in DAG order by calling
@@ -15,7 +18,8 @@ conf/base + conf/<env> merged key by key, as the project's config loader does (`
 
 ``--cached-stages`` takes those stages' outputs from a Kedro data root (``--data-root``) written by an
 earlier ``kedro run --env <env>`` (e.g. data_prep and tokenization on a CPU), read through the catalog's
-file paths. The report (``--out``) is rewritten atomically after every stage: per stage its wall seconds,
+file paths; only the outputs that the row's later stages read are loaded, so the root need hold no more. The
+report (``--out``) is rewritten atomically after every stage: per stage its wall seconds,
 the device, peak GPU memory and the scalar metrics the stage returned; per row the evaluation metrics.
 Stages that would start after ``--deadline`` seconds are recorded as skipped, so a time-boxed machine
 still returns a report.
@@ -40,7 +44,9 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO / "src"))
 
-from study_rows import QUICK_OVERRIDES, RUNS, STAGES  # noqa: E402
+from quality_study import parse_set  # noqa: E402
+from study_pooled import PER_CASE_FILE, per_case_table, write_parquet_atomic  # noqa: E402
+from study_rows import QUICK_OVERRIDES, RUNS, STAGES, overrides_in_env  # noqa: E402
 
 # The base env's demo is ~500 items; these sizes make every stage run in seconds on a CPU (the test's setting).
 TINY_OVERRIDES: dict[str, Any] = {
@@ -267,7 +273,7 @@ class Study:
         os.replace(tmp, out)
 
     def row_params(self, row: str) -> dict[str, Any]:
-        overrides = {**(TINY_OVERRIDES if self.args.tiny else {}), **RUNS[row].overrides}
+        overrides = {**(TINY_OVERRIDES if self.args.tiny else {}), **self.args.set, **overrides_in_env(RUNS[row], self.args.env)}
         params = apply_overrides(self.params, overrides)
         params["seed"] = self.args.seed
         return params
@@ -280,7 +286,7 @@ class Study:
         for stage in RUNS[row].stages:
             key = _digest([key, stage, params.get(stage), params["seed"]])
             if stage in self.args.cached_stages:
-                values.update(self._load_stage(stage))
+                values.update(self._load_stage(stage, self._read_later(row, stage)))
                 entry["stages"][stage] = {"cached_from": self.args.data_root}
                 continue
             if key in self.memo:
@@ -302,12 +308,29 @@ class Study:
                 {k: _jsonable(v) for k, v in rec.items()} for rec in table.to_dict("records")
                 if rec.get("metric") in ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
             ]
+            if self.args.results_dir:
+                entry["results"] = str(self._write_results(row, values))
         self.save()
 
-    def _load_stage(self, stage: str) -> dict[str, Any]:
+    def _write_results(self, row: str, values: dict[str, Any]) -> Path:
+        """The row's evaluation as a quality-study job leaves it (results/<row>/seed<N>/: metrics.parquet,
+        per_case.parquet), so benchmarks/study_pooled.py and quality_study's report read it."""
+        folder = Path(self.args.results_dir) / "results" / row / f"seed{self.args.seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_parquet_atomic(per_case_table(values["recommendations"], values["test"]), folder / PER_CASE_FILE)
+        write_parquet_atomic(values["evaluation_metrics"], folder / "metrics.parquet")  # last: marks the job done
+        return folder
+
+    def _read_later(self, row: str, stage: str) -> set[str]:
+        """The datasets that the row's stages after `stage` read: all a cached stage needs to provide (so a data
+        root can travel without, e.g., tokenization's embeddings, which only tokenization itself reads)."""
+        later = RUNS[row].stages[RUNS[row].stages.index(stage) + 1:]
+        return {i for st in later for n in stage_nodes(st) for i in n.inputs}
+
+    def _load_stage(self, stage: str, needed: set[str]) -> dict[str, Any]:
         if not self.args.data_root:
             raise SystemExit("--cached-stages needs --data-root (a Kedro data root, e.g. data/ml_latest_small)")
-        outputs = {o for n in stage_nodes(stage) for o in n.outputs}
+        outputs = {o for n in stage_nodes(stage) for o in n.outputs} & needed
         entries = {o: catalog_entry(self.catalog, o) for o in sorted(outputs)}
         return {o: load_cached(o, e, self.args.data_root, self.default_root)
                 for o, e in entries.items() if e is not None and not e.get("type", "").endswith("MatplotlibDataset")}
@@ -363,9 +386,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (study_rows' quick overrides on the demo)")
     ap.add_argument("--cached-stages", default="", help="stages read from --data-root instead of run, e.g. data_prep,tokenization")
     ap.add_argument("--data-root", default=None, help="a Kedro data root holding the cached stages' outputs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a parameter override for every row (repeatable; the row's own overrides win)")
+    ap.add_argument("--results-dir", default=None,
+                    help="also write each evaluated row as a quality-study result (DIR/results/<row>/seed<N>/)")
     args = ap.parse_args(argv)
     args.rows = [r for r in args.rows.split(",") if r]
     args.cached_stages = [s for s in args.cached_stages.split(",") if s]
+    try:
+        args.set = parse_set(args.set)
+    except ValueError as err:
+        ap.error(str(err))
     unknown = [r for r in args.rows if r not in RUNS] + [s for s in args.cached_stages if s not in STAGES]
     if unknown:
         ap.error(f"unknown rows or stages: {unknown}")

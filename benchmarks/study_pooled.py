@@ -17,6 +17,20 @@ POOLED_METRICS = ("recall@10", "ndcg@10")
 HEAD_METRICS = ("recall@1", "mrr@10")
 
 
+def per_case_table(recommendations: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """Per-case test metrics of every model in `recommendations` (07_model_output) against the `test` split."""
+    cases = pd.DataFrame({"split": "test", "user_id": test["user_id"].astype(str), "target": test["target"].astype(str)})
+    if "case" in recommendations.columns:  # several held-out cases per user: keyed by their position
+        cases["case"] = test["position"].to_numpy()
+    return per_case_metrics(recommendations[recommendations["split"] == "test"], cases, ks=(1, 5, 10), mrr_ks=(10,))
+
+
+def write_parquet_atomic(table: pd.DataFrame, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    table.to_parquet(tmp, index=False)
+    tmp.replace(dst)
+
+
 def write_per_case(data: Path, dst: Path) -> bool:
     """Per-case test metrics of every model of a finished job's workspace `data/` → `dst` (Parquet).
     False when the workspace lacks the recommendations or the test split (nothing written)."""
@@ -24,15 +38,7 @@ def write_per_case(data: Path, dst: Path) -> bool:
     tests = sorted(data.rglob("03_primary/test.parquet"))
     if len(recs) != 1 or len(tests) != 1:
         return False
-    recommendations = pd.read_parquet(recs[0])
-    test = pd.read_parquet(tests[0])
-    cases = pd.DataFrame({"split": "test", "user_id": test["user_id"].astype(str), "target": test["target"].astype(str)})
-    if "case" in recommendations.columns:  # several held-out cases per user: keyed by their position
-        cases["case"] = test["position"].to_numpy()
-    table = per_case_metrics(recommendations[recommendations["split"] == "test"], cases, ks=(1, 5, 10), mrr_ks=(10,))
-    tmp = dst.with_name(dst.name + ".tmp")
-    table.to_parquet(tmp, index=False)
-    tmp.replace(dst)
+    write_parquet_atomic(per_case_table(pd.read_parquet(recs[0]), pd.read_parquet(tests[0])), dst)
     return True
 
 

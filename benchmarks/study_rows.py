@@ -110,6 +110,9 @@ RUNS: dict[str, Run] = {
         # hybrid's w is then chosen on 305 users and confirmed on 305 (issue 26); other rows' test figures unchanged.
         Run("full_cfv", {"evaluation.max_users.valid": None}, STAGES,
             "full, evaluated with every valid user (the hybrid's w chosen on half of them)"),
+        # full's LM and hybrid without the DPO stages (their gate kept the SFT policy on every Instruments seed, and
+        # evaluation's align3gr_cf always ranks with the SFT model): the cheaper run of full/align3gr_cf and full/sft.
+        Run("sft_cf", {}, SFT_STAGES, "full's SFT model and its align3gr_cf hybrid, without the DPO stages"),
         # The alpha grid for tca_all (chosen on the select half of valid, confirmed on the other): 0 is `full`.
         Run("tca_all_a01", {"sft_train.objective": "tca4rec", "sft_train.tca4rec.positions": "all_labelled",
                             "sft_train.tca4rec.alpha": 0.1}, SFT_STAGES,

@@ -17,6 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_study  # noqa: E402
 import quality_study  # noqa: E402
+import study_pooled  # noqa: E402
 
 # Runs the script as a machine without Kedro would: `import kedro` fails, so the kedro.pipeline stand-in wires
 # the stages.
@@ -42,7 +43,8 @@ def _run(tmp_path: Path, *args: str) -> dict:
 
 
 def test_tiny_cpu_run_without_kedro_reports_every_stage(tmp_path):
-    report = _run(tmp_path, "--rows", "tiger", "--deadline", "600")
+    report = _run(tmp_path, "--rows", "tiger", "--deadline", "600", "--results-dir", str(tmp_path / "study"),
+                  "--set", "sft_train.trainer.max_steps=1")
     assert report["device"] == "cpu" and report["imported"] == {"kedro": False, "mlflow": False}
     stages = report["rows"]["tiger"]["stages"]
     assert list(stages) == ["data_prep", "tokenization", "sft_data", "sft_train", "evaluation"]
@@ -52,6 +54,17 @@ def test_tiny_cpu_run_without_kedro_reports_every_stage(tmp_path):
     assert {"sasrec", "sft", "most_popular"} <= set(metrics["model"])
     assert set(metrics["metric"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     assert metrics["value"].between(0, 1).all()
+    # --set reaches every row (the tiny setting is 2 steps)
+    assert report["rows"]["tiger"]["stages"]["sft_train"]["scalars"]["sft_train_metrics"]["global_step"] == 1
+    # --results-dir: the row as a quality-study job leaves it, which study_pooled reads
+    folder = tmp_path / "study" / "results" / "tiger" / "seed42"
+    assert report["rows"]["tiger"]["results"] == str(folder)
+    table = pd.read_parquet(folder / "metrics.parquet")
+    assert {"sasrec", "sft"} <= set(table["model"]) and set(metrics["model"]) <= set(table["model"])
+    per_case = study_pooled.per_case_of(tmp_path / "study", "tiger", "sft")
+    assert per_case["seed"].eq(42).all() and per_case["user_id"].is_unique and len(per_case) > 0
+    recall = table[(table["model"] == "sft") & (table["split"] == "test") & (table["metric"] == "recall@10")]["value"]
+    assert per_case["recall@10"].mean() == pytest.approx(float(recall.iloc[0]))
 
 
 def test_deadline_skips_stages_but_still_reports(tmp_path):
@@ -90,3 +103,14 @@ def test_cached_stage_outputs_are_read_through_the_catalog(tmp_path):
     assert gpu_study.catalog_entry(catalog, "no_such_dataset") is None
     with pytest.raises(FileNotFoundError, match="sc_tokenizer"):
         gpu_study.load_cached("sc_tokenizer", catalog["sc_tokenizer"], str(tmp_path), root)
+
+
+def test_a_cached_stage_provides_only_what_later_stages_read():
+    args = gpu_study.parse_args(["--env", "base", "--rows", "tiger", "--set", "evaluation.top_k=10"])
+    assert args.set == {"evaluation.top_k": 10}
+    study = gpu_study.Study.__new__(gpu_study.Study)
+    needed = study._read_later("tiger", "tokenization")
+    assert {"item_scids", "user_scids", "sasrec_model"} <= needed
+    assert not {"item_semantic_embeddings", "item_cf_embeddings"} & needed  # only tokenization reads them
+    with pytest.raises(SystemExit):
+        gpu_study.parse_args(["--set", "evaluation.top_k"])  # no '='

@@ -19,12 +19,13 @@ SEEDS=${SEEDS:-"42 43 44"}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1  # nine processes on 16 cores
 python3 -c "import torch, transformers, peft; print(torch.__version__, torch.cuda.get_device_name(0), transformers.__version__, peft.__version__)" || exit 1
 mkdir -p ../shared/data && cp -r .gpu_carry/instruments-lcrec ../shared/data/
 STUDY=/tmp/study_gpu && mkdir -p "$STUDY"
 COMMON=(--env instruments_cpu --cached-stages data_prep,tokenization --results-dir "$STUDY" --deadline "$DEADLINE"
         --set evaluation.max_users.valid=2000 --set evaluation.show_progress=false
-        --set sft_train.trainer.bf16=false --set sft_train.trainer.torch_threads=1
+        --set tokenization.device=auto --set sft_train.trainer.bf16=false --set sft_train.trainer.torch_threads=1
         --set sft_train.trainer.progress_bar=false --set sft_train.trainer.logging_steps=200)
 start() {  # seed, name, rows, extra args...
   local seed=$1 name=$2 rows=$3; shift 3

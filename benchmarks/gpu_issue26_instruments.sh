@@ -29,7 +29,7 @@ COMMON=(--env instruments_cpu --cached-stages data_prep,tokenization --results-d
         --set sft_train.trainer.progress_bar=false --set sft_train.trainer.logging_steps=200)
 start() {  # seed, name, rows, extra args...
   local seed=$1 name=$2 rows=$3; shift 3
-  timeout -k 5 "$HARD" python3 benchmarks/gpu_study.py "${COMMON[@]}" --seed "$seed" --data-root ".gpu_carry/s$seed" \
+  timeout -k 5 "$HARD" python3 benchmarks/gpu_study.py "${COMMON[@]}" --deadline-scope row --seed "$seed" --data-root ".gpu_carry/s$seed" \
     --rows "$rows" --out "$STUDY/report_${name}_s$seed.json" "$@" > "$STUDY/log_${name}_s$seed.txt" 2>&1 &
 }
 for s in $SEEDS; do

@@ -22,7 +22,9 @@ file paths; only the outputs that the row's later stages read are loaded, so the
 report (``--out``) is rewritten atomically after every stage: per stage its wall seconds,
 the device, peak GPU memory and the scalar metrics the stage returned; per row the evaluation metrics.
 Stages that would start after ``--deadline`` seconds are recorded as skipped, so a time-boxed machine
-still returns a report.
+still returns a report (``--deadline-scope row``: rows, so that a started row is never left without its
+evaluation). SFT checkpoints go to ``--work-dir`` (default a new temporary folder), never to the catalog's
+shared folder, so that studies side by side never read each other's checkpoints.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -253,6 +256,7 @@ class Study:
         self.t0 = time.perf_counter()
         self.params, self.catalog, self.default_root = load_conf(args.env)
         self.memo: dict[str, dict[str, Any]] = {}  # stage key -> outputs
+        self.work_dir = args.work_dir or tempfile.mkdtemp(prefix="gpu_study_")
         cuda = torch.cuda.is_available()
         self.report: dict[str, Any] = {
             "env": args.env, "rows": {}, "seed": args.seed, "deadline_s": args.deadline, "tiny": args.tiny,
@@ -278,6 +282,17 @@ class Study:
         params["seed"] = self.args.seed
         return params
 
+    def stage_params(self, stage: str, params: dict[str, Any], key: str) -> dict[str, Any]:
+        """The row's parameters for one stage run. SFT writes its checkpoints to a folder of this run and this
+        stage key (its settings and everything upstream): the catalog's default is one folder for every process
+        in the repository, so two studies at once (seeds side by side on one GPU) would load each other's best
+        checkpoints, and two rows of one study could resume from each other's."""
+        if stage != "sft_train":
+            return params
+        out = copy.deepcopy(params)
+        out["sft_train"]["trainer"]["output_dir"] = str(Path(self.work_dir) / f"sft_{key}")
+        return out
+
     def run_row(self, row: str) -> None:
         params = self.row_params(row)
         entry = self.report["rows"].setdefault(row, {"about": RUNS[row].about, "stages": {}})
@@ -293,11 +308,12 @@ class Study:
                 values.update(self.memo[key])
                 entry["stages"][stage] = {"reused_from_row": self.memo[key]["__row__"]}
                 continue
-            if self.elapsed() > self.args.deadline:
+            started = any("seconds" in info for info in entry["stages"].values())
+            if self.elapsed() > self.args.deadline and not (self.args.deadline_scope == "row" and started):
                 entry["stages"][stage] = {"skipped": f"deadline ({self.args.deadline:.0f} s) passed"}
                 self.save()
                 continue
-            outputs, info = self._run_stage(stage, params, values)
+            outputs, info = self._run_stage(stage, self.stage_params(stage, params, key), values)
             self.memo[key] = {**outputs, "__row__": row}
             values.update(outputs)
             entry["stages"][stage] = info
@@ -382,6 +398,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rows", default="full", help=f"comma-separated study rows, of: {', '.join(RUNS)}")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--deadline", type=float, default=540.0, help="seconds after which no new stage starts")
+    ap.add_argument("--deadline-scope", choices=("stage", "row"), default="stage",
+                    help="stage: no stage starts after the deadline; row: no row starts, a started row runs to its end")
+    ap.add_argument("--work-dir", default=None,
+                    help="where SFT writes its checkpoints (default: a new temporary folder of this run)")
     ap.add_argument("--out", default="gpu_study_report.json")
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (study_rows' quick overrides on the demo)")
     ap.add_argument("--cached-stages", default="", help="stages read from --data-root instead of run, e.g. data_prep,tokenization")

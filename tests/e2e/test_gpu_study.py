@@ -114,3 +114,45 @@ def test_a_cached_stage_provides_only_what_later_stages_read():
     assert not {"item_semantic_embeddings", "item_cf_embeddings"} & needed  # only tokenization reads them
     with pytest.raises(SystemExit):
         gpu_study.parse_args(["--set", "evaluation.top_k"])  # no '='
+
+
+def _bare_study(tmp_path: Path, *argv: str) -> "gpu_study.Study":
+    study = gpu_study.Study.__new__(gpu_study.Study)
+    study.args = gpu_study.parse_args(["--env", "base", "--work-dir", str(tmp_path / "work"), *argv])
+    study.params, study.catalog, study.default_root = gpu_study.load_conf("base")
+    study.memo, study.work_dir = {}, study.args.work_dir
+    study.report = {"rows": {}}
+    study.save = lambda: None
+    return study
+
+
+def test_sft_checkpoints_go_to_a_folder_of_the_run_and_stage(tmp_path, monkeypatch):
+    study = _bare_study(tmp_path)
+    seen: list[tuple[str, str]] = []
+    monkeypatch.setattr(study, "elapsed", lambda: 0.0)
+    monkeypatch.setattr(study, "_run_stage", lambda stage, params, values: (
+        seen.append((stage, params["sft_train"]["trainer"]["output_dir"])) or {}, {"seconds": 1.0}))
+    for row in ("full", "dpo_random", "tiger"):
+        study.run_row(row)
+    sft = [d for stage, d in seen if stage == "sft_train"]
+    assert len(sft) == 2 and sft[0] != sft[1]  # dpo_random reuses full's SFT stage; tiger's data differ upstream
+    assert all(Path(d).parent == tmp_path / "work" for d in sft)
+    # the catalog's shared folder stays what other stages see
+    assert {d for stage, d in seen if stage != "sft_train"} == {study.params["sft_train"]["trainer"]["output_dir"]}
+    other = _bare_study(tmp_path / "b")
+    assert other.stage_params("sft_train", other.row_params("full"), "k")["sft_train"]["trainer"]["output_dir"] \
+        != study.stage_params("sft_train", study.row_params("full"), "k")["sft_train"]["trainer"]["output_dir"]
+
+
+@pytest.mark.parametrize("scope, ran", [("stage", ["data_prep"]), ("row", ["data_prep", "tokenization", "sft_data",
+                                                                           "sft_train", "evaluation"])])
+def test_deadline_scope(tmp_path, monkeypatch, scope, ran):
+    # the deadline passes while the first stage runs: per stage the rest is skipped, per row the row finishes
+    study = _bare_study(tmp_path, "--rows", "tiger", "--deadline", "5", "--deadline-scope", scope)
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(study, "elapsed", lambda: next(clock))
+    monkeypatch.setattr(study, "_run_stage", lambda stage, params, values: ({}, {"seconds": 1.0}))
+    study.run_row("tiger")
+    stages = study.report["rows"]["tiger"]["stages"]
+    assert [s for s, info in stages.items() if "seconds" in info] == ran
+    assert all("deadline" in info["skipped"] for s, info in stages.items() if s not in ran)

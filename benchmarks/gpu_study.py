@@ -33,6 +33,7 @@ import copy
 import hashlib
 import importlib
 import json
+import logging
 import os
 import re
 import sys
@@ -381,6 +382,8 @@ class Study:
                 outputs[name] = value
                 if isinstance(value, dict) and isinstance(value.get("scalars"), dict):
                     scalars[name] = _jsonable(value["scalars"])
+                elif name.startswith("eval_info_") and isinstance(value, dict):
+                    scalars[name] = _jsonable(value)  # e.g. the weight align3gr_cf chose on valid
         info = {
             "seconds": round(time.perf_counter() - started, 2),
             "node_seconds": node_s,
@@ -425,6 +428,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # The stages' own progress lines (valid recall per SFT evaluation, the hybrid's chosen weight) are INFO logs;
+    # Kedro would show them, a bare interpreter would not.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("align3gr_pipelines").setLevel(logging.INFO)
     study = Study(args)
     study.save()
     for row in args.rows:

@@ -54,6 +54,9 @@ def test_tiny_cpu_run_without_kedro_reports_every_stage(tmp_path):
     assert {"sasrec", "sft", "most_popular"} <= set(metrics["model"])
     assert set(metrics["metric"]) == {"recall@5", "recall@10", "ndcg@5", "ndcg@10"}
     assert metrics["value"].between(0, 1).all()
+    # the hybrid's info (its weight chosen on valid) is kept beside the stage's scalars
+    hybrid = report["rows"]["tiger"]["stages"]["evaluation"]["scalars"]["eval_info_align3gr_cf"]
+    assert hybrid["model"] == "align3gr_cf" and hybrid["seconds"] > 0
     # --set reaches every row (the tiny setting is 2 steps)
     assert report["rows"]["tiger"]["stages"]["sft_train"]["scalars"]["sft_train_metrics"]["global_step"] == 1
     # --results-dir: the row as a quality-study job leaves it, which study_pooled reads

@@ -98,6 +98,38 @@ def pooled_table(pooled: list[dict[str, Any]], by_row: bool = False) -> list[str
     return lines
 
 
+def plot_pairs(found: list[dict[str, Any]], dst: Path, title: str = "", metrics: tuple[str, ...] = POOLED_METRICS) -> None:
+    """A forest plot of the pooled Δs (b − a) with their 95% CIs, the MDE as a grey band around 0, one panel per
+    metric → `dst` (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = tuple(m for m in metrics if any(p["metric"] == m for p in found))
+    labels = list(dict.fromkeys(f"{p['b_row']} − {p['a_row']}" for p in found))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 0.55 * len(labels) + 1.4), squeeze=False, sharey=True)
+    for ax, metric in zip(axes[0], metrics):
+        for y, label in enumerate(labels):
+            p = next((q for q in found if q["metric"] == metric and f"{q['b_row']} − {q['a_row']}" == label), None)
+            if p is None:
+                continue
+            ax.fill_betweenx([y - 0.3, y + 0.3], -p["mde"], p["mde"], color="0.88", lw=0)
+            color = "tab:green" if p["ci_low"] > 0 else "tab:red" if p["ci_high"] < 0 else "tab:gray"
+            ax.errorbar(p["delta"], y, xerr=[[p["delta"] - p["ci_low"]], [p["ci_high"] - p["delta"]]], fmt="o", color=color, capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(f"{metric}: Δ pooled over seeds, 95% CI (grey: ±MDE)", fontsize=9)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    axes[0][0].invert_yaxis()  # the axes share y: invert once, first pair on top
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = dst.with_name(dst.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(dst)
+
+
 def _row(spec: str) -> tuple[str, str]:
     run, sep, model = spec.partition("/")
     if not sep or not run or not model:
@@ -119,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds to keep (default: every seed both rows have)")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--png", type=Path, default=None, help="also draw the Δs (recall@10, ndcg@10) as a forest plot here")
+    ap.add_argument("--title", default="", help="the plot's title")
     args = ap.parse_args(argv)
     pairs, run_model = [], {}
     for spec in args.pair:
@@ -135,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = args.json.with_name(args.json.name + ".tmp")
         tmp.write_text(json.dumps(found, indent=1, default=float))
         tmp.replace(args.json)
+    if args.png and found:
+        plot_pairs(found, args.png, args.title)
     return 0 if found else 1
 
 

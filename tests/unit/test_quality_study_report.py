@@ -134,6 +134,10 @@ def test_per_case_results_give_pooled_paired_deltas_with_a_cluster_ci_and_mde(tm
                               "--json", str(out_json)]) == 0
     one_seed = next(p for p in json.loads(out_json.read_text()) if p["metric"] == "recall@10")
     assert one_seed["seeds"] == [42] and one_seed["delta"] == pytest.approx(1 / 6)
+    # ... and draws them (a PNG, one panel per metric)
+    png = tmp_path / "pairs.png"
+    assert study_pooled.main(["--out", str(tmp_path), "--pair", "full/sasrec:full/rf_dpo_hard", "--png", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(tmp_path.glob("*.tmp.png"))
     # A pair whose rows share one seed does not narrow the next pair's seeds.
     import shutil
     shutil.copytree(tmp_path / "results" / "full" / "seed42", tmp_path / "results" / "one" / "seed42")

@@ -214,6 +214,9 @@ def _worker(job_dir: str) -> None:
         items, scores = decode_in_group(rec, prompts, catalog, **spec["decode"])
         if dist.get_rank() == 0:
             torch.save({"items": items, "scores": scores}, job / "result.pt")
+        # Leave together: a rank tearing gloo down while the other still writes once aborted rank 0 at exit
+        # ("terminate called without an active exception", a CI run of 2026-12-04).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from align3gr_pipelines.preference import dpo_launcher
+from align3gr_pipelines import torchrun
 from align3gr_pipelines.preference.dpo_stage import train_stage
 from align3gr_pipelines.preference.dpo_trainer import (
     DPOConfig,
@@ -91,7 +91,7 @@ def test_the_settings_default_to_one_process_and_bad_ones_are_named():
 
 def test_a_callable_the_ranks_cannot_rebuild_is_refused_before_any_launch(monkeypatch):
     world, pairs = tiny(4)
-    monkeypatch.setattr(dpo_launcher.subprocess, "Popen", lambda *a, **k: pytest.fail("must not launch"))
+    monkeypatch.setattr(torchrun.subprocess, "Popen", lambda *a, **k: pytest.fail("must not launch"))
     sel = Selection.from_params({"enabled": True}, "x")
     with pytest.raises(ValueError, match="nproc_per_node=2: the ranks rebuild the selection's evaluator"):
         train_stage(world.policy, pairs, dataclasses.replace(CFG, nproc_per_node=2), 0, "s", "r",
@@ -103,7 +103,7 @@ def test_a_callable_the_ranks_cannot_rebuild_is_refused_before_any_launch(monkey
 
 def test_one_process_is_todays_loop_without_a_launch(monkeypatch):
     world, pairs = tiny(9)
-    monkeypatch.setattr(dpo_launcher.subprocess, "Popen", lambda *a, **k: pytest.fail("nproc_per_node=1 must not launch"))
+    monkeypatch.setattr(torchrun.subprocess, "Popen", lambda *a, **k: pytest.fail("nproc_per_node=1 must not launch"))
     today, m0 = train_stage(world.policy, pairs, CFG, 0, "s", "r")
     one, m1 = train_stage(world.policy, pairs, dataclasses.replace(CFG, nproc_per_node=1, launch_timeout_s=5.0), 0, "s", "r")
     assert weights_fingerprint(one.model) == weights_fingerprint(today.model) != weights_fingerprint(world.policy.model)
@@ -211,7 +211,7 @@ def test_a_launch_past_its_timeout_ends_its_process_group(monkeypatch):
         started.append(real_popen(*args, **kwargs))
         return started[-1]
 
-    monkeypatch.setattr(dpo_launcher.subprocess, "Popen", spy)
+    monkeypatch.setattr(torchrun.subprocess, "Popen", spy)
     # torchrun does not even import torch in 0.3 s, so the limit is always hit
     with pytest.raises(RuntimeError, match=r"sp_dpo_hard: distributed DPO did not finish within training.launch_timeout_s=0.3 s"):
         train_stage(world.policy, pairs, dataclasses.replace(CFG, nproc_per_node=2, launch_timeout_s=0.3), 0, "sp_dpo_hard", "r")

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from align3gr_pipelines import torchrun
 from align3gr_pipelines.lm import sharded_decoding as sd
 from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, decode_prompts
 from align3gr_pipelines.lm.rec_lm import RecLM
@@ -112,7 +113,8 @@ def test_two_torchrun_ranks_return_one_process_tensors(world, loopback, tmp_path
 
 def test_a_failed_rank_and_a_timeout_raise_clear_errors(tmp_path, loopback, monkeypatch):
     with pytest.raises(RuntimeError, match=r"evaluation.decoding: torchrun with 2 ranks failed \(exit code"):
-        sd.run_torchrun("align3gr_pipelines.no_such_module", tmp_path, 2, 120, "evaluation.decoding")
+        torchrun.run_torchrun("align3gr_pipelines.no_such_module", tmp_path, 2, 120, "evaluation.decoding: torchrun",
+                              "evaluation.decoding.launch_timeout_s")
     started: list[subprocess.Popen] = []
     real_popen = subprocess.Popen
 
@@ -120,10 +122,10 @@ def test_a_failed_rank_and_a_timeout_raise_clear_errors(tmp_path, loopback, monk
         started.append(real_popen(*args, **kwargs))
         return started[-1]
 
-    monkeypatch.setattr(sd.subprocess, "Popen", spy)
+    monkeypatch.setattr(torchrun.subprocess, "Popen", spy)
     # torchrun does not even import torch in 0.3 s, so the limit is always hit
-    with pytest.raises(RuntimeError, match=r"inference.decoding.launch_timeout_s=0.3 s"):
-        sd.run_torchrun(sd.MODULE, tmp_path, 2, 0.3, "inference.decoding")
+    with pytest.raises(RuntimeError, match=r"inference.decoding: torchrun did not finish within inference.decoding.launch_timeout_s=0.3 s"):
+        torchrun.run_torchrun(sd.MODULE, tmp_path, 2, 0.3, "inference.decoding: torchrun", "inference.decoding.launch_timeout_s")
     assert started[0].returncode is not None
     with pytest.raises(ProcessLookupError):  # nothing of its process group is left
         os.killpg(started[0].pid, 0)
@@ -170,7 +172,7 @@ def test_a_lora_model_travels_to_the_ranks_exactly(world, tmp_path):
 
 def test_one_process_is_decode_prompts_without_a_launch(world, monkeypatch):
     rec, catalog, prompts, reference = world
-    monkeypatch.setattr(sd.subprocess, "Popen", lambda *a, **k: pytest.fail("nproc=1 must not launch torchrun"))
+    monkeypatch.setattr(torchrun.subprocess, "Popen", lambda *a, **k: pytest.fail("nproc=1 must not launch torchrun"))
     with one_thread():
         assert_same(sd.decode_prompts_sharded(rec, prompts, catalog, nproc=1, **DECODE), reference)
         assert_same(sd.decode_in_group(rec, prompts, catalog, **DECODE), reference)  # no process group: one process

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -42,6 +40,7 @@ import torch.distributed as dist
 from align3gr_pipelines.lm.constrained_decoding import SCIDCatalog, _batches, decode_prompts
 from align3gr_pipelines.lm.precision import check_dtype_setting
 from align3gr_pipelines.lm.rec_lm import RecLM, encode_prompt
+from align3gr_pipelines.torchrun import run_torchrun
 
 MODULE = "align3gr_pipelines.lm.sharded_decoding"
 
@@ -118,46 +117,10 @@ def decode_prompts_sharded(
     with tempfile.TemporaryDirectory(prefix="sharded_decoding_", dir=work_dir, ignore_cleanup_errors=True) as tmp:
         job = Path(tmp)
         write_job(job, rec_lm, prompts, catalog, {"device": device.type, "threads": threads, "decode": kwargs}, where)
-        run_torchrun(MODULE, job, nproc, timeout_s, where, {"OMP_NUM_THREADS": str(threads)})
-        if not (job / "result.pt").is_file():
-            raise RuntimeError(f"{where}: torchrun finished but rank 0 wrote no result; see the log above")
+        run_torchrun(MODULE, job, nproc, timeout_s, f"{where}: torchrun", f"{where}.launch_timeout_s",
+                     {"OMP_NUM_THREADS": str(threads)}, expect="result.pt")
         result = torch.load(job / "result.pt")
     return result["items"], result["scores"]
-
-
-def run_torchrun(module: str, job: Path, nproc: int, timeout_s: float | None, where: str, env: dict[str, str] | None = None) -> None:
-    """``torchrun --standalone --nproc_per_node=nproc -m module job`` in its own process group; waits, and
-    ends the whole group on a timeout, an error or an interrupt."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", module, str(job)]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
-    try:
-        returncode = proc.wait(timeout=None if timeout_s is None else float(timeout_s))
-    except subprocess.TimeoutExpired:
-        end_process_group(proc)
-        raise RuntimeError(
-            f"{where}: torchrun did not finish within {where}.launch_timeout_s={float(timeout_s):g} s; its processes "
-            "were ended (raise the limit, or null for none)"
-        ) from None
-    except BaseException:
-        end_process_group(proc)
-        raise
-    if returncode != 0:
-        raise RuntimeError(f"{where}: torchrun with {nproc} ranks failed (exit code {returncode}); see the log above")
-
-
-def end_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM, a grace period, then SIGKILL to the process group `proc` leads (started in a new session):
-    ranks that outlive torchrun are ended too."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
 
 
 def write_job(job: Path, rec_lm: Any, prompts: Sequence[str], catalog: SCIDCatalog, spec: dict[str, Any], where: str) -> None:

@@ -16,9 +16,7 @@ before they are scored, so every rank scores every checkpoint on all users and t
 from __future__ import annotations
 
 import json
-import logging
 import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict
@@ -45,8 +43,7 @@ from align3gr_pipelines.preference.dpo_trainer import (
     trainable_parameters,
     trainable_snapshot,
 )
-
-log = logging.getLogger(__name__)
+from align3gr_pipelines.torchrun import run_torchrun
 
 
 def _weights_dtype(rec: RecLM) -> torch.dtype:
@@ -96,7 +93,8 @@ def fit_distributed(
             "pad_id": int(pad_id), "input_score": input_score, "sample_seed": int(evaluate.seed) if select else None,
             "dtype": str(_weights_dtype(policy)).removeprefix("torch."),
         }))
-        _run_torchrun(job, nproc, timeout, stage)
+        run_torchrun("align3gr_pipelines.preference.dpo_launcher", job, nproc, timeout, f"{stage}: distributed DPO",
+                     "training.launch_timeout_s", expect="result.json")
         result = json.loads((job / "result.json").read_text())
         trained = torch.load(job / "trained.pt", map_location="cpu")
     model = policy.model
@@ -107,29 +105,6 @@ def fit_distributed(
     restore_snapshot(model, trained)
     model.eval()
     return DPOResult(curves=result["curves"], scalars=result["scalars"])
-
-
-def _run_torchrun(job: Path, nproc: int, timeout: float | None, stage: str) -> None:
-    from align3gr_pipelines.lm.sharded_decoding import end_process_group as _end_group
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "align3gr_pipelines.preference.dpo_launcher", str(job)]
-    log.info("%s: launching %s (timeout %s s)", stage, " ".join(cmd), timeout)
-    # Its own process group, so that a timeout ends torchrun and its ranks (a hung rank outlives torchrun).
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    try:
-        returncode = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _end_group(proc)
-        raise RuntimeError(
-            f"{stage}: distributed DPO did not finish within training.launch_timeout_s={timeout:g} s; its processes "
-            "were ended (raise the limit for longer runs, or null for none)"
-        ) from None
-    except BaseException:
-        _end_group(proc)
-        raise
-    if returncode != 0 or not (job / "result.json").is_file():
-        raise RuntimeError(f"{stage}: distributed DPO failed (torchrun exit code {returncode}); see the log above")
 
 
 # ---------------------------------------------------------------- inside a rank

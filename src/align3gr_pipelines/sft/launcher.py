@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -21,11 +20,10 @@ from typing import Any
 import torch
 
 from align3gr_pipelines.lm.rec_lm import RecLM
-from align3gr_pipelines.lm.sharded_decoding import end_process_group as _end_group
 from align3gr_pipelines.sft.hf_trainer import TrainResult, selection_metric, train_causal_lm, valid_recall_callback
 from align3gr_pipelines.sft.tca4rec import TCA4Rec
+from align3gr_pipelines.torchrun import run_torchrun
 
-log = logging.getLogger(__name__)
 
 def fit_distributed(
     rec: RecLM, train_rows: list, eval_rows: list, tcfg: dict[str, Any], seed: int, output_dir: Path, nproc: int,
@@ -48,30 +46,12 @@ def fit_distributed(
                                                  "output_dir": str(output_dir),
                                                  "cf_model": None if cf_model is None else str(job / "cf_model")},
                                                 default=str))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "align3gr_pipelines.sft.launcher", str(job)]
     timeout = tcfg.get("launch_timeout_s")
     timeout = None if timeout is None else float(timeout)
     if timeout is not None and timeout <= 0:
         raise ValueError(f"sft_train.trainer.launch_timeout_s must be > 0 or null, got {timeout}")
-    log.info("sft_train: launching %s (timeout %s s)", " ".join(cmd), timeout)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # Its own process group, so that a timeout ends torchrun *and* its ranks (a hung gloo rank would
-    # otherwise outlive a killed torchrun).
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    try:
-        returncode = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _end_group(proc)
-        raise RuntimeError(
-            f"sft_train: distributed training did not finish within sft_train.trainer.launch_timeout_s={timeout:g} s; "
-            "its processes were ended (raise the limit for longer runs, or null for none)"
-        ) from None
-    except BaseException:
-        _end_group(proc)
-        raise
-    if returncode != 0 or not (job / "result.json").is_file():
-        raise RuntimeError(f"sft_train: distributed training failed (torchrun exit code {returncode}); see the log above")
+    run_torchrun("align3gr_pipelines.sft.launcher", job, nproc, timeout, "sft_train: distributed training",
+                 "sft_train.trainer.launch_timeout_s", expect="result.json")
     result = TrainResult(**json.loads((job / "result.json").read_text()))
     final = str(job / "final")
     trained = RecLM.from_pretrained(final, device="cpu", trainable=True, dtype=RecLM.dtype_on(final, tcfg.get("device", "auto")))

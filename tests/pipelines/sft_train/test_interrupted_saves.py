@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from align3gr_pipelines import torchrun
 from align3gr_pipelines.sft import launcher
 from align3gr_pipelines.sft.hf_trainer import last_complete_checkpoint
 from align3gr_pipelines.sft.trainer import fit_sft
@@ -53,7 +54,7 @@ def test_the_torchrun_launcher_times_out_and_ends_its_process_group(tmp_path, mo
         started.append(real_popen(*args, **kwargs))
         return started[-1]
 
-    monkeypatch.setattr(launcher.subprocess, "Popen", spy)
+    monkeypatch.setattr(torchrun.subprocess, "Popen", spy)
     # torchrun does not even import torch in 0.5 s, so the limit is always hit
     with pytest.raises(RuntimeError, match=r"launch_timeout_s=0.5 s"):
         launcher.fit_distributed(None, [], [], {"launch_timeout_s": 0.5}, 0, tmp_path, 2)

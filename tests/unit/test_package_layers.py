@@ -7,7 +7,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "src" / "align3gr_pipelines"
 # Lowest first. Kedro's entry modules (settings, pipeline_registry, cli, __main__) and pipelines/ sit on top.
-FLOORS = ["devices", "data", "datasets", "tracking", "tokenizer", "cf", "lm", "evaluation", "sft", "preference", "serving"]
+FLOORS = ["devices", "torchrun", "data", "datasets", "tracking", "tokenizer", "cf", "lm", "evaluation", "sft", "preference",
+          "serving"]
 TOP = "pipelines"
 
 
@@ -43,7 +44,7 @@ def test_every_folder_named_here_exists_and_every_core_module_sits_on_a_floor():
     for floor in FLOORS:
         assert (PACKAGE / floor).is_dir() or (PACKAGE / f"{floor}.py").is_file(), floor
     top_level = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    assert top_level == {"devices", "settings", "pipeline_registry", "cli", "__main__"}
+    assert top_level == {"devices", "torchrun", "settings", "pipeline_registry", "cli", "__main__"}
 
 
 def test_no_module_imports_from_a_floor_above_its_own():
